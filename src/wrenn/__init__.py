@@ -1,0 +1,1 @@
+"""Wrenn: self-hostable microVM sandboxes for untrusted code."""

@@ -1,0 +1,1 @@
+"""Pieces every Wrenn process shares. Imports nothing else of the project."""

@@ -1,0 +1,29 @@
+"""envd settings, read once from ``WRENN_ENVD_*`` environment variables and flags."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+#: The envd version reported to clients. The e2b SDK gates features on it; this is the
+#: E2B envd release whose wire behaviour Wrenn's envd implements.
+ENVD_VERSION = "0.6.4"
+
+
+class EnvdSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WRENN_ENVD_")
+
+    host: str = "0.0.0.0"
+    port: int = 49983
+    log_level: str = "info"
+    #: User for requests that name none, until /init sets ``defaultUser``.
+    default_user: str = "root"
+    #: Working directory for processes that name none (the user's home when unset).
+    default_workdir: str | None = None
+    #: Root of the cgroup hierarchy; user processes go in a child group of it.
+    cgroup_root: str = "/sys/fs/cgroup"
+    cgroups: bool = True
+    #: Port subsystem: make loopback-only listeners reachable on the external address.
+    ports: bool = True
+    port_scan_interval_s: float = 1.0
+    mmds_address: str = "169.254.169.254"
+    mmds_timeout_s: float = 0.3
