@@ -33,8 +33,15 @@ class EnvdProcess:
         full_env = {**os.environ, "WRENN_ENVD_LOG_LEVEL": "debug", **(env or {})}
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "wrenn.envd.main", "--host", "127.0.0.1",
-                 "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "wrenn.envd.main",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=full_env,

@@ -50,9 +50,7 @@ async def health(request: Request) -> Response:
 
 
 async def _reject_unauthenticated(scope: Scope, receive: Receive, send: Send) -> None:
-    await error_response(Unauthenticated("missing or invalid X-Access-Token"))(
-        scope, receive, send
-    )
+    await error_response(Unauthenticated("missing or invalid X-Access-Token"))(scope, receive, send)
 
 
 def build(settings: EnvdSettings, conns: ConnTracker | None = None) -> ASGIApp:

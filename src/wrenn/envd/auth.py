@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wrenn.core.errors import InvalidArgument, Unauthenticated
+from wrenn.core.errors import InvalidArgument
 from wrenn.envd import users
 from wrenn.envd.defaults import Defaults
 

@@ -30,7 +30,7 @@ def _map(exc: BaseException, ctx: RequestContext[Any, Any]) -> BaseException:
     if isinstance(exc, WrennError):
         return to_connect(exc)
     if isinstance(exc, Exception):
-        _log.error("rpc.failed", method=ctx.method().name, exc_info=exc)
+        _log.error("rpc.failed", method=ctx.method.name, exc_info=exc)
         return ConnectError(ConnectCode.INTERNAL, "internal error")
     return exc
 
