@@ -12,6 +12,7 @@ edge (Connect RPC error, or HTTP status with body ``{"code", "message"}``).
     ├── DeadlineExceeded            deadline_exceeded     504
     ├── Unavailable                 unavailable           503
     ├── Unimplemented               unimplemented         501
+    ├── Corrupted                   data_loss             500
     └── Internal                    internal              500
 
 ``message`` is what a client sees; ``cause`` (chained as ``__cause__``) stays in the logs.
@@ -121,6 +122,12 @@ class Unimplemented(WrennError):
     code = Code.UNIMPLEMENTED
 
 
+class Corrupted(WrennError):
+    """Stored data failed its integrity check (checksum mismatch, truncated or missing file)."""
+
+    code = Code.DATA_LOSS
+
+
 class Internal(WrennError):
     code = Code.INTERNAL
 
@@ -138,6 +145,7 @@ _BY_CODE: dict[Code, type[WrennError]] = {
         DeadlineExceeded,
         Unavailable,
         Unimplemented,
+        Corrupted,
         Internal,
     )
 }
