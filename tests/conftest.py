@@ -30,7 +30,14 @@ class EnvdProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = Path(tempfile.mkstemp(prefix="envd-", suffix=".log")[1])
-        full_env = {**os.environ, "WRENN_ENVD_LOG_LEVEL": "debug", **(env or {})}
+        # Port forwarding off unless a test asks for it: on a developer machine it would
+        # expose the machine's loopback-only services on its external address.
+        full_env = {
+            **os.environ,
+            "WRENN_ENVD_LOG_LEVEL": "debug",
+            "WRENN_ENVD_PORT_FORWARD_ADDRESS": "",
+            **(env or {}),
+        }
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
                 [

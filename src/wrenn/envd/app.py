@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wrenn import log
-from wrenn.core.errors import Unauthenticated
+from wrenn.core.errors import Unauthenticated, WrennError
 from wrenn.envd import files, init, metrics, mmds, snapshot
 from wrenn.envd.auth import AccessTokenMiddleware
 from wrenn.envd.cgroups import Cgroups
@@ -43,6 +43,8 @@ class Envd:
     cgroups: Cgroups | None
     processes: ProcessService
     filesystem: FilesystemService
+    #: Whether Firecracker's MMDS answered at start; /init reads it again after a restore.
+    mmds_present: bool = False
 
 
 async def health(request: Request) -> Response:
@@ -74,6 +76,7 @@ def build(settings: EnvdSettings, conns: ConnTracker | None = None) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         metadata = await mmds.read(settings)
         if metadata is not None:
+            envd.mmds_present = True
             mmds.apply(metadata, defaults)
         if settings.ports:
             await envd.ports.start()
@@ -83,6 +86,8 @@ def build(settings: EnvdSettings, conns: ConnTracker | None = None) -> ASGIApp:
         finally:
             await envd.ports.stop()
             await envd.processes.aclose()
+            if envd.cgroups is not None:
+                await envd.cgroups.aclose()
             await envd.filesystem.aclose()
             _log.info("envd.stopped")
 
@@ -96,7 +101,9 @@ def build(settings: EnvdSettings, conns: ConnTracker | None = None) -> ASGIApp:
             Route("/metrics", metrics.get_metrics, methods=["GET"]),
             Route("/snapshot/prepare", snapshot.prepare, methods=["POST"]),
         ],
-        exception_handlers={Exception: http_error_handler},
+        # WrennError is answered by the exception middleware; the ``Exception`` entry (server
+        # error middleware) logs once and re-raises to the server.
+        exception_handlers={WrennError: http_error_handler, Exception: http_error_handler},
         lifespan=lifespan,
     )
     http.state.envd = envd

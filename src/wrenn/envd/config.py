@@ -25,5 +25,9 @@ class EnvdSettings(BaseSettings):
     #: Port subsystem: make loopback-only listeners reachable on the external address.
     ports: bool = True
     port_scan_interval_s: float = 1.0
+    #: Address loopback-only listeners are forwarded to. Unset: the address of the interface
+    #: holding the default route; empty: forwarding off.
+    port_forward_address: str | None = None
+    #: Firecracker's MMDS, as ``host`` or ``host:port``.
     mmds_address: str = "169.254.169.254"
     mmds_timeout_s: float = 0.3

@@ -1,12 +1,118 @@
-"""init (stub)."""
+"""``POST /init`` and ``GET /envs``.
 
+/init configures the sandbox (E2B field names: ``envVars``, ``accessToken``, ``defaultUser``,
+``defaultWorkdir``; ``timestamp`` is accepted and ignored because chronyd keeps the clock;
+unknown fields are tolerated). It is idempotent: env vars are merged, the other fields replace
+what was set, and absent or empty fields leave it unchanged. Nothing changes unless the whole
+request is valid.
+
+The first /init after ``/snapshot/prepare`` is a restore: connections opened before the snapshot
+are aborted (their peers are gone), those opened after it stay (the /init's own included),
+keep-alive comes back on, the port subsystem restarts, and the sandbox metadata is read again
+from MMDS when MMDS answered at start (a template snapshot is restored into many sandboxes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
+
+from wrenn import log
+from wrenn.core.errors import InvalidArgument
+from wrenn.envd import conntrack, mmds, users
+
+if TYPE_CHECKING:
+    from wrenn.envd.app import Envd
+
+_log = log.get(__name__)
+
+
+class InitRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    env_vars: dict[str, str] | None = Field(default=None, alias="envVars")
+    access_token: str | None = Field(default=None, alias="accessToken")
+    default_user: str | None = Field(default=None, alias="defaultUser")
+    default_workdir: str | None = Field(default=None, alias="defaultWorkdir")
+    timestamp: Any = None
+
+
+def parse(body: bytes) -> InitRequest:
+    if not body.strip():
+        return InitRequest()
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise InvalidArgument("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument("request body must be a JSON object")
+    try:
+        return InitRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidArgument(f"invalid {where}: {first['msg']}") from None
+
+
+def validate(req: InitRequest) -> users.User | None:
+    """Check the user and workdir the request names (blocking: passwd lookup and stat)."""
+    user = users.lookup(req.default_user) if req.default_user else None
+    workdir = req.default_workdir
+    if workdir:
+        if not os.path.isabs(workdir):
+            raise InvalidArgument(f"invalid defaultWorkdir: {workdir!r} is not an absolute path")
+        if not os.path.isdir(workdir):
+            raise InvalidArgument(f"invalid defaultWorkdir: {workdir!r} is not a directory")
+    return user
+
+
+async def configure(envd: Envd, req: InitRequest) -> None:
+    user = await asyncio.to_thread(validate, req)
+    defaults = envd.defaults
+    if req.env_vars:
+        defaults.env_vars.update(req.env_vars)
+    if req.access_token:
+        defaults.access_token = req.access_token
+    if user is not None:
+        defaults.user = user.name
+    if req.default_workdir:
+        defaults.workdir = req.default_workdir
+    _log.info(
+        "init.configured",
+        env_vars=len(req.env_vars or {}),
+        token_set=bool(req.access_token),
+        user=defaults.user,
+        workdir=defaults.workdir,
+    )
+
+
+async def restore(envd: Envd, own_conn: int | None) -> None:
+    """Undo ``/snapshot/prepare`` after the VM was restored."""
+    envd.conns.restore(keep=own_conn)
+    if envd.settings.ports:
+        await envd.ports.restart()
+    if envd.mmds_present:
+        metadata = await mmds.read(envd.settings)
+        if metadata is not None:
+            mmds.apply(metadata, envd.defaults)
+    _log.info("init.restored")
 
 
 async def post_init(request: Request) -> Response:
-    return Response(status_code=501)
+    envd: Envd = request.app.state.envd
+    req = parse(await request.body())
+    await configure(envd, req)
+    if envd.conns.snapshot_pending:
+        await restore(envd, conntrack.conn_id(request.scope))
+    return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
 
 async def get_envs(request: Request) -> Response:
-    return Response(status_code=501)
+    envd: Envd = request.app.state.envd
+    return JSONResponse(dict(envd.defaults.env_vars), headers={"Cache-Control": "no-store"})

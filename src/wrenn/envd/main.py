@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         http=conntrack.protocol_class(tracker),
+        ws="none",
         loop="uvloop",
         lifespan="on",
         log_config=None,

@@ -1,0 +1,188 @@
+"""Snapshot safety of envd's client connections, with real sockets against a real envd.
+
+A connection's fate is observed from the client side: a request answered on it, or the peer
+closing it (EOF or reset). Socket timeouts are safety nets, never assertions about speed.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import h11
+import pytest
+
+from tests.conftest import EnvdProcess
+
+SAFETY_TIMEOUT_S = 20.0
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def closes(self) -> bool:
+        return "close" in self.headers.get("connection", "").lower()
+
+
+class RawConn:
+    """One client TCP connection to envd, speaking HTTP/1.1 through h11."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=SAFETY_TIMEOUT_S)
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method: str, path: str, body: bytes = b"") -> Reply:
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        headers = [("Host", "envd"), ("Content-Length", str(len(body)))]
+        self.sock.sendall(self.h11.send(h11.Request(method=method, target=path, headers=headers)))
+        if body:
+            self.sock.sendall(self.h11.send(h11.Data(data=body)))
+        self.sock.sendall(self.h11.send(h11.EndOfMessage()))
+        return self.read_reply()
+
+    def read_reply(self) -> Reply:
+        status, headers, body = 0, {}, bytearray()
+        while True:
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA:
+                self.h11.receive_data(self.sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode().lower(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return Reply(status, headers, bytes(body))
+            else:
+                raise AssertionError(f"unexpected {event!r}")
+
+    def closed_by_peer(self) -> bool:
+        """Block until envd closes the connection (True) or sends something (False)."""
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def open_now(self) -> bool:
+        """Whether no close from envd has arrived yet (non-blocking peek)."""
+        self.sock.setblocking(False)
+        try:
+            return self.sock.recv(1, socket.MSG_PEEK) != b""
+        except BlockingIOError:
+            return True
+        except ConnectionResetError:
+            return False
+        finally:
+            self.sock.settimeout(SAFETY_TIMEOUT_S)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def conns(fresh_envd: EnvdProcess) -> Iterator[list[RawConn]]:
+    made: list[RawConn] = []
+    yield made
+    for conn in made:
+        conn.close()
+
+
+def open_conn(envd: EnvdProcess, made: list[RawConn]) -> RawConn:
+    conn = RawConn(envd.port)
+    made.append(conn)
+    return conn
+
+
+def test_prepare_closes_idle_keep_alive_connections(
+    fresh_envd: EnvdProcess, conns: list[RawConn]
+) -> None:
+    idle = open_conn(fresh_envd, conns)
+    first = idle.request("GET", "/health")
+    assert first.status == 204 and not first.closes
+
+    caller = open_conn(fresh_envd, conns)
+    prepared = caller.request("POST", "/snapshot/prepare")
+    assert prepared.status == 204
+    # keep-alive is off from prepare on: its own response ends its connection
+    assert prepared.closes
+    assert caller.closed_by_peer()
+    assert idle.closed_by_peer()
+
+
+def test_restore_keeps_new_connections_and_aborts_old_ones(
+    fresh_envd: EnvdProcess, conns: list[RawConn]
+) -> None:
+    # A request answered, then the first bytes of a second one in the same segment: the
+    # connection is busy (not idle) when prepare runs, so prepare leaves it open.
+    busy = open_conn(fresh_envd, conns)
+    busy.send_raw(b"GET /health HTTP/1.1\r\nHost: envd\r\n\r\nGET /health HTTP/1.1\r\n")
+    assert busy.read_reply().status == 204
+
+    assert open_conn(fresh_envd, conns).request("POST", "/snapshot/prepare").status == 204
+    assert busy.open_now()
+
+    # Opened after the snapshot: must survive the restore.
+    after = open_conn(fresh_envd, conns)
+    after.send_raw(b"GET /envs HTTP/1.1\r\nHost: envd\r\n")
+
+    init = open_conn(fresh_envd, conns)
+    reply = init.request("POST", "/init", b'{"envVars": {"RESTORED": "1"}}')
+    assert reply.status == 204
+    # keep-alive is back on, the /init's own connection stays usable
+    assert not reply.closes
+    assert init.request("GET", "/health").status == 204
+
+    assert busy.closed_by_peer()
+
+    after.send_raw(b"\r\n")
+    envs = after.read_reply()
+    assert envs.status == 200
+    assert b"RESTORED" in envs.body
+    assert not envs.closes
+
+
+def test_keep_alive_off_after_prepare_and_on_after_init(
+    fresh_envd: EnvdProcess, conns: list[RawConn]
+) -> None:
+    assert open_conn(fresh_envd, conns).request("POST", "/snapshot/prepare").status == 204
+
+    during = open_conn(fresh_envd, conns)
+    reply = during.request("GET", "/health")
+    assert reply.status == 204 and reply.closes
+    assert during.closed_by_peer()
+
+    assert open_conn(fresh_envd, conns).request("POST", "/init", b"{}").status == 204
+
+    after = open_conn(fresh_envd, conns)
+    for _ in range(3):
+        reply = after.request("GET", "/health")
+        assert reply.status == 204 and not reply.closes
+
+
+def test_prepare_is_idempotent(fresh_envd: EnvdProcess, conns: list[RawConn]) -> None:
+    for _ in range(2):
+        assert open_conn(fresh_envd, conns).request("POST", "/snapshot/prepare").status == 204
+    init = open_conn(fresh_envd, conns)
+    assert init.request("POST", "/init", b"{}").status == 204
+    assert init.request("GET", "/health").status == 204
+
+
+def test_init_without_prepare_keeps_connections(
+    fresh_envd: EnvdProcess, conns: list[RawConn]
+) -> None:
+    idle = open_conn(fresh_envd, conns)
+    assert idle.request("GET", "/health").status == 204
+
+    assert open_conn(fresh_envd, conns).request("POST", "/init", b"{}").status == 204
+
+    reply = idle.request("GET", "/health")
+    assert reply.status == 204 and not reply.closes
