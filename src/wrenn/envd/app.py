@@ -23,6 +23,7 @@ from wrenn.envd.config import EnvdSettings
 from wrenn.envd.conntrack import ConnTracker
 from wrenn.envd.defaults import Defaults
 from wrenn.envd.edge import ErrorInterceptor, error_response, http_error_handler
+from wrenn.envd.filesystem.disconnect import watch_disconnects
 from wrenn.envd.filesystem.service import FilesystemService
 from wrenn.envd.ports import PortSubsystem
 from wrenn.envd.process.service import ProcessService
@@ -109,7 +110,9 @@ def build(settings: EnvdSettings, conns: ConnTracker | None = None) -> ASGIApp:
     http.state.envd = envd
     interceptors = [ErrorInterceptor()]
     process_app = ProcessASGIApplication(envd.processes, interceptors=interceptors)
-    filesystem_app = FilesystemASGIApplication(envd.filesystem, interceptors=interceptors)
+    filesystem_app = watch_disconnects(
+        FilesystemASGIApplication(envd.filesystem, interceptors=interceptors)
+    )
 
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
