@@ -1,0 +1,47 @@
+"""First start and operator commands: the admin team and its key, host registration tokens."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from wrenn.controlplane.config import ControlPlaneSettings
+from wrenn.controlplane.context import BootstrapKey
+from wrenn.controlplane.db import Database
+
+
+async def bootstrap(db: Database) -> BootstrapKey | None:
+    """On an empty database: an admin team and an API key for it. ``None`` otherwise."""
+    async with db.transaction() as tx:
+        await tx.teams.lock()
+        if await tx.teams.count() > 0:
+            return None
+        team = await tx.teams.create("admin", is_admin=True)
+        _, secret = await tx.teams.create_key(team.id, "bootstrap")
+    return BootstrapKey(team_id=team.id, api_key=secret)
+
+
+async def create_key(
+    settings: ControlPlaneSettings, *, team_name: str, admin: bool = False
+) -> BootstrapKey:
+    """A new team named ``team_name`` and a key for it (the ``wrenn-cp create-key`` command)."""
+    db = Database(settings.resolved_database_url())
+    try:
+        await db.migrate()
+        async with db.transaction() as tx:
+            team = await tx.teams.create(team_name, is_admin=admin)
+            _, secret = await tx.teams.create_key(team.id, "cli")
+        return BootstrapKey(team_id=team.id, api_key=secret)
+    finally:
+        await db.aclose()
+
+
+async def create_host_token(settings: ControlPlaneSettings) -> str:
+    """A one-time host registration token (the ``wrenn-cp create-host-token`` command)."""
+    db = Database(settings.resolved_database_url())
+    try:
+        await db.migrate()
+        async with db.transaction() as tx:
+            token, _ = await tx.hosts.create_token(timedelta(seconds=settings.host_token_ttl_s))
+        return token
+    finally:
+        await db.aclose()

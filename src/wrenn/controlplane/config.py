@@ -1,0 +1,51 @@
+"""Control plane settings, read once from ``WRENN_CP_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ControlPlaneSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WRENN_CP_")
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    log_level: str = "info"
+    #: Where the embedded SQLite database lives when ``database_url`` is not set.
+    state_dir: Path = Path("/var/lib/wrenn/controlplane")
+    #: SQLAlchemy URL: ``sqlite+aiosqlite:///path.db`` or ``postgresql+asyncpg://user@host/db``.
+    #: Empty: a SQLite file under ``state_dir``.
+    database_url: str = ""
+    #: Base domain sandbox traffic is reachable under (``{port}-{sandbox_id}.{domain}``);
+    #: returned to clients as ``domain``. Empty: clients use their own default.
+    domain: str = ""
+    #: A host silent for longer than this gets no new sandboxes.
+    heartbeat_window_s: float = Field(default=30.0, gt=0)
+    #: How often the lifecycle worker looks for expired sandboxes.
+    lifecycle_interval_s: float = Field(default=1.0, gt=0)
+    #: Timeout of a sandbox created without one (E2B: 15 s on /sandboxes, 300 s on /v2).
+    default_timeout_s: int = Field(default=300, ge=0)
+    #: Upper bound of any timeout a client asks for.
+    max_timeout_s: int = Field(default=24 * 3600, ge=1)
+    #: Kept free on every host, never given to sandboxes.
+    reserve_vcpus: float = Field(default=0.0, ge=0)
+    reserve_memory_mib: int = Field(default=512, ge=0)
+    reserve_disk_mib: int = Field(default=2048, ge=0)
+    #: vCPUs handed out per physical CPU of a host.
+    cpu_overcommit: float = Field(default=4.0, gt=0)
+    #: Disk a sandbox is expected to grow its copy-on-write layer to.
+    sandbox_disk_mib: int = Field(default=1024, ge=0)
+    #: Deadline of one RPC to a host agent.
+    agent_timeout_s: float = Field(default=120.0, gt=0)
+    #: Lifetime of a one-time host registration token.
+    host_token_ttl_s: int = Field(default=3600, ge=1)
+    #: On first start with an empty database, create an admin team and print its API key.
+    bootstrap: bool = True
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.state_dir / 'controlplane.db'}"

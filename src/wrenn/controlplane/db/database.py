@@ -1,0 +1,92 @@
+"""The database handle: one async engine, transactions that expose repositories.
+
+Callers see ``Database`` and ``Transaction`` and the records the repositories return; no
+SQLAlchemy type crosses this package's border.
+
+SQLite (the embedded default) runs every transaction as ``BEGIN IMMEDIATE`` with foreign keys
+on and WAL journaling, so concurrent writers queue instead of failing on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from wrenn.controlplane.db import migrate
+from wrenn.controlplane.db.audit import AuditRepository
+from wrenn.controlplane.db.hosts import HostRepository
+from wrenn.controlplane.db.sandboxes import SandboxRepository
+from wrenn.controlplane.db.snapshots import SnapshotRepository
+from wrenn.controlplane.db.teams import TeamRepository
+from wrenn.controlplane.db.templates import TemplateRepository
+
+
+class Transaction:
+    """One unit of work; commits when its ``async with`` block ends without an error."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.teams = TeamRepository(session)
+        self.hosts = HostRepository(session)
+        self.templates = TemplateRepository(session)
+        self.sandboxes = SandboxRepository(session)
+        self.snapshots = SnapshotRepository(session)
+        self.audit = AuditRepository(session)
+
+
+def _sqlite_pragmas(engine: AsyncEngine, *, file_backed: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own is deferred).
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        if file_backed:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {}
+        if self.dialect == "sqlite":
+            database = parsed.database or ""
+            file_backed = database not in ("", ":memory:")
+            if file_backed:
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine = create_async_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            _sqlite_pragmas(self.engine, file_backed=file_backed)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    async def migrate(self, extra_locations: Sequence[Traversable | Path] = ()) -> None:
+        await migrate.upgrade(self.engine, extra_locations)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self._sessions() as session, session.begin():
+            yield Transaction(session)
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()

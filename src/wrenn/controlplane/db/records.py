@@ -1,0 +1,189 @@
+"""What the repositories hand out: plain frozen dataclasses, never database rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+
+class SandboxState(StrEnum):
+    """A sandbox's state as the control plane records it.
+
+    starting → running → pausing → paused → resuming → running; any → stopping → killed;
+    starting/resuming → failed. Only running and paused (with their transitional states
+    folded in) are visible through the E2B API.
+    """
+
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSING = "pausing"
+    PAUSED = "paused"
+    RESUMING = "resuming"
+    STOPPING = "stopping"
+    KILLED = "killed"
+    FAILED = "failed"
+
+
+#: States in which a sandbox holds (or is about to hold) a host's CPU and memory.
+ACTIVE_STATES = frozenset(
+    {SandboxState.STARTING, SandboxState.RUNNING, SandboxState.PAUSING, SandboxState.RESUMING}
+)
+#: States a client can see; killed and failed sandboxes are gone for the API.
+VISIBLE_STATES = frozenset(
+    {
+        SandboxState.STARTING,
+        SandboxState.RUNNING,
+        SandboxState.PAUSING,
+        SandboxState.PAUSED,
+        SandboxState.RESUMING,
+        SandboxState.STOPPING,
+    }
+)
+
+
+class HostStatus(StrEnum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True)
+class Team:
+    id: str
+    name: str
+    is_admin: bool
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    team_id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: the team an API key belongs to."""
+
+    team: Team
+    key_id: str
+
+
+@dataclass(frozen=True)
+class Host:
+    id: str
+    address: str
+    status: HostStatus
+    runtime: str
+    version: str
+    vcpus: int
+    memory_mib: int
+    memory_free_mib: int
+    disk_mib: int
+    disk_free_mib: int
+    last_heartbeat_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class HostLoad:
+    """What the control plane has committed on a host: its active sandboxes."""
+
+    host_id: str
+    sandboxes: int
+    vcpus: int
+    memory_mib: int
+
+
+@dataclass(frozen=True)
+class Template:
+    id: str
+    team_id: str | None
+    build_id: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    envd_version: str
+    public: bool
+    spawn_count: int
+    last_spawned_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    id: str
+    team_id: str
+    host_id: str | None
+    template_id: str
+    alias: str | None
+    snapshot_id: str | None
+    state: SandboxState
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    envd_version: str
+    envd_access_token: str
+    allow_internet_access: bool | None
+    auto_pause: bool
+    auto_resume: bool
+    build_id: str | None
+    started_at: datetime
+    end_at: datetime
+    created_at: datetime
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    id: str
+    team_id: str
+    name: str | None
+    sandbox_id: str | None
+    template_id: str
+    host_id: str | None
+    vcpus: int
+    memory_mib: int
+    size_bytes: int
+    created_at: datetime
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_token: str | None
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a host reports in its heartbeat."""
+
+    runtime: str
+    version: str
+    vcpus: int
+    memory_mib: int
+    memory_free_mib: int
+    disk_mib: int
+    disk_free_mib: int
+
+
+@dataclass(frozen=True)
+class TemplateReport:
+    """A template a host reports having."""
+
+    id: str
+    build_id: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    envd_version: str = ""

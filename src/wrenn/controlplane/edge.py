@@ -1,0 +1,95 @@
+"""The one place errors become HTTP responses: body ``{"code", "message"}`` with the Connect
+code of the error, status from the error (``wrenn.core.errors`` table, refined in
+``controlplane.errors``). Framework errors (bad request bodies, unknown routes) get the same
+shape; anything unexpected is a logged 500 with no detail."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from wrenn import log
+from wrenn.core.errors import HTTP_STATUS, Code, WrennError
+
+_log = log.get(__name__)
+
+_CODE_BY_STATUS: dict[int, Code] = {
+    400: Code.INVALID_ARGUMENT,
+    401: Code.UNAUTHENTICATED,
+    403: Code.PERMISSION_DENIED,
+    404: Code.NOT_FOUND,
+    405: Code.UNIMPLEMENTED,
+    409: Code.ALREADY_EXISTS,
+    413: Code.RESOURCE_EXHAUSTED,
+    415: Code.INVALID_ARGUMENT,
+    429: Code.RESOURCE_EXHAUSTED,
+    503: Code.UNAVAILABLE,
+}
+
+
+def _body(code: Code, message: str) -> dict[str, str]:
+    return {"code": code.value, "message": message}
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """The first problem, naming the field and the value that was given."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request"
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ())]
+    where = loc[0] if loc else "request"
+    field = ".".join(loc[1:]) or where
+    message = f"{field}: {first.get('msg', 'invalid')}"
+    if "input" in first and first.get("type") != "missing":
+        message += f" (got {_short(first['input'])})"
+    if len(errors) > 1:
+        message += f"; and {len(errors) - 1} more"
+    return message
+
+
+async def _wrenn_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, WrennError)
+    status = exc.http_status
+    if status >= 500:
+        _log.warning(
+            "request.failed", path=request.url.path, code=exc.code.value, message=exc.message
+        )
+    return JSONResponse(exc.to_body(), status_code=status)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse(
+        _body(Code.INVALID_ARGUMENT, validation_message(exc)),
+        status_code=HTTP_STATUS[Code.INVALID_ARGUMENT],
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _CODE_BY_STATUS.get(exc.status_code, Code.UNKNOWN)
+    return JSONResponse(
+        _body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    _log.error("request.crashed", path=request.url.path, exc_info=exc)
+    return JSONResponse(_body(Code.INTERNAL, "internal error"), status_code=500)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(WrennError, _wrenn_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,373 @@
+"""The E2B-compatible sandbox API (what the e2b SDK's ``Sandbox`` calls)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote
+
+from fastapi import APIRouter, Query, Response
+
+from wrenn.controlplane.auth import CP, Team
+from wrenn.controlplane.context import ControlPlane
+from wrenn.controlplane.db.records import Sandbox, SandboxState, Snapshot
+from wrenn.controlplane.db.sandboxes import SandboxQuery
+from wrenn.controlplane.sandboxes import CreateSpec
+from wrenn.controlplane.schemas import e2b
+from wrenn.core.errors import InvalidArgument
+
+router = APIRouter(tags=["sandboxes"])
+
+#: E2B's create timeout on /sandboxes (the v2 default comes from the settings).
+V1_DEFAULT_TIMEOUT_S = 15
+#: E2B's default for /sandboxes/{id}/resume.
+RESUME_DEFAULT_TIMEOUT_S = 15
+REFRESH_DEFAULT_S = 60
+
+_API_STATES: dict[e2b.SandboxState, frozenset[SandboxState]] = {
+    e2b.SandboxState.RUNNING: frozenset(
+        {SandboxState.STARTING, SandboxState.RUNNING, SandboxState.RESUMING}
+    ),
+    e2b.SandboxState.PAUSED: frozenset({SandboxState.PAUSING, SandboxState.PAUSED}),
+}
+
+
+def api_state(state: SandboxState) -> e2b.SandboxState:
+    if state in _API_STATES[e2b.SandboxState.PAUSED]:
+        return e2b.SandboxState.PAUSED
+    return e2b.SandboxState.RUNNING
+
+
+def _domain(cp: ControlPlane) -> str | None:
+    return cp.settings.domain or None
+
+
+def created(cp: ControlPlane, s: Sandbox) -> e2b.Sandbox:
+    return e2b.Sandbox(
+        template_id=s.template_id,
+        sandbox_id=s.id,
+        client_id=s.host_id or "",
+        envd_version=s.envd_version,
+        alias=s.alias,
+        envd_access_token=s.envd_access_token,
+        domain=_domain(cp),
+    )
+
+
+def listed(s: Sandbox) -> e2b.ListedSandbox:
+    return e2b.ListedSandbox(
+        template_id=s.template_id,
+        alias=s.alias,
+        sandbox_id=s.id,
+        client_id=s.host_id or "",
+        started_at=s.started_at,
+        end_at=s.end_at,
+        cpu_count=s.vcpus,
+        memory_mb=s.memory_mib,
+        disk_size_mb=s.disk_mib,
+        metadata=s.metadata,
+        state=api_state(s.state),
+        envd_version=s.envd_version,
+    )
+
+
+def detail(cp: ControlPlane, s: Sandbox) -> e2b.SandboxDetail:
+    return e2b.SandboxDetail(
+        **listed(s).model_dump(),
+        envd_access_token=s.envd_access_token,
+        allow_internet_access=s.allow_internet_access,
+        domain=_domain(cp),
+        lifecycle=e2b.Lifecycle(
+            auto_resume=s.auto_resume,
+            on_timeout=e2b.OnTimeout.PAUSE if s.auto_pause else e2b.OnTimeout.KILL,
+        ),
+    )
+
+
+def snapshot_info(s: Snapshot) -> e2b.SnapshotInfo:
+    return e2b.SnapshotInfo(snapshot_id=s.id, names=[s.name] if s.name else [])
+
+
+def _refuse_unsupported(body: e2b.NewSandbox) -> None:
+    for name, value in (
+        ("network", body.network),
+        ("mcp", body.mcp),
+        ("iam", body.iam),
+        ("volumeMounts", body.volume_mounts),
+    ):
+        if value:
+            raise InvalidArgument(f"{name}: not supported by this server")
+    if body.auto_pause_memory is False:
+        raise InvalidArgument("autoPauseMemory: filesystem-only pauses are not supported")
+
+
+async def _create(
+    cp: ControlPlane, who: Team, body: e2b.NewSandbox, default_timeout_s: int
+) -> e2b.Sandbox:
+    _refuse_unsupported(body)
+    sandbox = await cp.sandboxes.create(
+        who.team.id,
+        CreateSpec(
+            template_ref=body.template_id,
+            timeout_s=body.timeout if body.timeout is not None else default_timeout_s,
+            metadata=body.metadata or {},
+            env_vars=body.env_vars or {},
+            auto_pause=bool(body.auto_pause),
+            auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
+            allow_internet_access=body.allow_internet_access,
+        ),
+    )
+    return created(cp, sandbox)
+
+
+@router.post("/sandboxes", status_code=201, response_model_exclude_none=True)
+async def create_sandbox(body: e2b.NewSandbox, cp: CP, who: Team) -> e2b.Sandbox:
+    return await _create(cp, who, body, V1_DEFAULT_TIMEOUT_S)
+
+
+@router.post("/v2/sandboxes", status_code=201, response_model_exclude_none=True)
+async def create_sandbox_v2(body: e2b.NewSandbox, cp: CP, who: Team) -> e2b.Sandbox:
+    return await _create(cp, who, body, cp.settings.default_timeout_s)
+
+
+def parse_metadata_filter(raw: str | None) -> dict[str, str]:
+    """``metadata`` as the SDK sends it: ``k=v&k2=v2``, each key and value percent-quoted."""
+    if not raw:
+        return {}
+    try:
+        pairs = parse_qsl(raw, keep_blank_values=True, strict_parsing=True)
+    except ValueError as err:
+        raise InvalidArgument(f"metadata: not a k=v&k2=v2 query (got {raw[:120]!r})") from err
+    out = {unquote(k): unquote(v) for k, v in pairs}
+    for k, v in out.items():
+        if not k or "\x00" in k or "\x00" in v or len(k) > 256:
+            raise InvalidArgument(f"metadata: invalid key or value {k[:64]!r}")
+    return out
+
+
+def parse_states(raw: list[str] | None) -> frozenset[SandboxState]:
+    if not raw:
+        return _API_STATES[e2b.SandboxState.RUNNING] | _API_STATES[e2b.SandboxState.PAUSED]
+    states: set[SandboxState] = set()
+    for item in raw:
+        for name in item.split(","):
+            try:
+                states |= _API_STATES[e2b.SandboxState(name.strip())]
+            except ValueError as err:
+                raise InvalidArgument(
+                    f"state: must be running or paused (got {name[:64]!r})"
+                ) from err
+    return frozenset(states)
+
+
+@router.get("/sandboxes", response_model_exclude_none=True)
+async def list_sandboxes_v1(
+    cp: CP, who: Team, metadata: Annotated[str | None, Query(max_length=8192)] = None
+) -> list[e2b.ListedSandbox]:
+    """Running sandboxes (E2B's first list endpoint; no pagination)."""
+    page = await cp.sandboxes.page(
+        SandboxQuery(
+            team_id=who.team.id,
+            states=_API_STATES[e2b.SandboxState.RUNNING],
+            metadata=parse_metadata_filter(metadata),
+            limit=10_000,
+        )
+    )
+    return [listed(s) for s in page.items]
+
+
+@router.get("/v2/sandboxes", response_model_exclude_none=True)
+async def list_sandboxes(
+    cp: CP,
+    who: Team,
+    response: Response,
+    metadata: Annotated[str | None, Query(max_length=8192)] = None,
+    state: Annotated[list[str] | None, Query(max_length=16)] = None,
+    order: Literal["asc", "desc"] = "desc",
+    started_after: Annotated[datetime | None, Query(alias="startedAfter")] = None,
+    template: Annotated[str | None, Query(max_length=128)] = None,
+    next_token: Annotated[str | None, Query(alias="nextToken", max_length=512)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[e2b.ListedSandbox]:
+    """Running and paused sandboxes, newest first by default; ``x-next-token`` when more."""
+    if started_after is not None and started_after.tzinfo is None:
+        started_after = started_after.replace(tzinfo=UTC)
+    if template is not None and "\x00" in template:
+        raise InvalidArgument("template: must not contain NUL characters")
+    page = await cp.sandboxes.page(
+        SandboxQuery(
+            team_id=who.team.id,
+            states=parse_states(state),
+            metadata=parse_metadata_filter(metadata),
+            template_id=template,
+            started_after=started_after,
+            order=order,
+            limit=limit,
+            next_token=next_token,
+        )
+    )
+    if page.next_token:
+        response.headers["x-next-token"] = page.next_token
+    return [listed(s) for s in page.items]
+
+
+@router.get("/sandboxes/{sandbox_id}", response_model_exclude_none=True)
+async def get_sandbox(sandbox_id: str, cp: CP, who: Team) -> e2b.SandboxDetail:
+    return detail(cp, await cp.sandboxes.get(who.team.id, sandbox_id))
+
+
+@router.delete("/sandboxes/{sandbox_id}", status_code=204)
+async def kill_sandbox(sandbox_id: str, cp: CP, who: Team) -> Response:
+    await cp.sandboxes.kill(who.team.id, sandbox_id)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/timeout", status_code=204)
+async def set_timeout(sandbox_id: str, body: e2b.TimeoutRequest, cp: CP, who: Team) -> Response:
+    await cp.sandboxes.set_timeout(who.team.id, sandbox_id, body.timeout)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/refreshes", status_code=204)
+async def refresh(
+    sandbox_id: str, cp: CP, who: Team, body: e2b.RefreshRequest | None = None
+) -> Response:
+    duration = body.duration if body and body.duration is not None else REFRESH_DEFAULT_S
+    await cp.sandboxes.refresh(who.team.id, sandbox_id, duration)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
+async def pause(
+    sandbox_id: str, cp: CP, who: Team, body: e2b.PauseRequest | None = None
+) -> Response:
+    if body is not None and body.memory is False:
+        raise InvalidArgument("memory: filesystem-only pauses are not supported")
+    await cp.sandboxes.pause(who.team.id, sandbox_id)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/resume", status_code=201, response_model_exclude_none=True)
+async def resume(
+    sandbox_id: str, cp: CP, who: Team, body: e2b.ResumeRequest | None = None
+) -> e2b.Sandbox:
+    body = body or e2b.ResumeRequest()
+    if body.memory is False:
+        raise InvalidArgument("memory: resuming without memory is not supported")
+    timeout = body.timeout if body.timeout is not None else RESUME_DEFAULT_TIMEOUT_S
+    sandbox = await cp.sandboxes.resume(
+        who.team.id, sandbox_id, timeout, auto_pause=body.auto_pause
+    )
+    return created(cp, sandbox)
+
+
+async def _connect(
+    cp: ControlPlane, who: Team, sandbox_id: str, body: e2b.ConnectRequest | None
+) -> Response:
+    body = body or e2b.ConnectRequest()
+    timeout = body.timeout if body.timeout is not None else cp.settings.default_timeout_s
+    if body.memory is False:
+        current = await cp.sandboxes.get(who.team.id, sandbox_id)
+        if current.state is SandboxState.PAUSED:
+            raise InvalidArgument("memory: resuming without memory is not supported")
+    sandbox, resumed = await cp.sandboxes.connect(who.team.id, sandbox_id, timeout)
+    payload = created(cp, sandbox).model_dump_json(by_alias=True, exclude_none=True)
+    return Response(payload, status_code=201 if resumed else 200, media_type="application/json")
+
+
+_CONNECT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "already running; its end time extended", "model": e2b.Sandbox},
+    201: {"description": "was paused and has been resumed", "model": e2b.Sandbox},
+}
+
+
+@router.post("/sandboxes/{sandbox_id}/connect", responses=_CONNECT_RESPONSES)
+async def connect(
+    sandbox_id: str, cp: CP, who: Team, body: e2b.ConnectRequest | None = None
+) -> Response:
+    return await _connect(cp, who, sandbox_id, body)
+
+
+@router.post("/v2/sandboxes/{sandbox_id}/connect", responses=_CONNECT_RESPONSES)
+async def connect_v2(
+    sandbox_id: str, cp: CP, who: Team, body: e2b.ConnectRequest | None = None
+) -> Response:
+    return await _connect(cp, who, sandbox_id, body)
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201)
+async def create_snapshot(
+    sandbox_id: str, cp: CP, who: Team, body: e2b.SnapshotRequest | None = None
+) -> e2b.SnapshotInfo:
+    body = body or e2b.SnapshotRequest()
+    if body.memory is False:
+        raise InvalidArgument("memory: filesystem-only snapshots are not supported")
+    snapshot = await cp.sandboxes.snapshot(who.team.id, sandbox_id, body.name)
+    return e2b.SnapshotInfo(snapshot_id=snapshot.id, names=[snapshot.name] if snapshot.name else [])
+
+
+@router.get("/sandboxes/{sandbox_id}/metrics")
+async def metrics(
+    sandbox_id: str,
+    cp: CP,
+    who: Team,
+    start: Annotated[int | None, Query(ge=0, le=2**40)] = None,
+    end: Annotated[int | None, Query(ge=0, le=2**40)] = None,
+) -> list[e2b.SandboxMetric]:
+    """The sandbox's current sample (no history is kept yet; ``start``/``end`` filter it)."""
+    out = []
+    for m in await cp.sandboxes.metrics(who.team.id, sandbox_id):
+        unix = int(m.timestamp.timestamp())
+        if (start is not None and unix < start) or (end is not None and unix > end):
+            continue
+        out.append(
+            e2b.SandboxMetric(
+                timestamp=m.timestamp,
+                timestamp_unix=unix,
+                cpu_count=m.cpu_count,
+                cpu_used_pct=m.cpu_used_pct,
+                mem_used=m.mem_used_bytes,
+                mem_total=m.mem_total_bytes,
+                mem_cache=0,
+                disk_used=m.disk_used_bytes,
+                disk_total=m.disk_total_bytes,
+            )
+        )
+    return out
+
+
+@router.get("/sandboxes/{sandbox_id}/logs")
+async def logs(
+    sandbox_id: str,
+    cp: CP,
+    who: Team,
+    start: Annotated[int | None, Query(ge=0, le=2**53)] = None,
+    limit: Annotated[int, Query(ge=0, le=10_000)] = 1000,
+) -> e2b.SandboxLogs:
+    """Sandbox logs. No guest log collection exists yet: always empty for a known sandbox."""
+    await cp.sandboxes.get(who.team.id, sandbox_id)
+    return e2b.SandboxLogs(logs=[], log_entries=[])
+
+
+@router.get("/snapshots")
+async def list_snapshots(
+    cp: CP,
+    who: Team,
+    response: Response,
+    sandbox_id: Annotated[str | None, Query(alias="sandboxID", max_length=64)] = None,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    next_token: Annotated[str | None, Query(alias="nextToken", max_length=512)] = None,
+) -> list[e2b.SnapshotInfo]:
+    for label, value in (("sandboxID", sandbox_id), ("name", name)):
+        if value is not None and "\x00" in value:
+            raise InvalidArgument(f"{label}: must not contain NUL characters")
+    async with cp.db.transaction() as tx:
+        page = await tx.snapshots.page(
+            who.team.id, sandbox_id=sandbox_id, name=name, limit=limit, next_token=next_token
+        )
+    if page.next_token:
+        response.headers["x-next-token"] = page.next_token
+    return [
+        e2b.SnapshotInfo(snapshot_id=s.id, names=[s.name] if s.name else []) for s in page.items
+    ]

@@ -1,0 +1,68 @@
+"""/v1/snapshots: named snapshots of running sandboxes, with where they are stored."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+
+from wrenn.controlplane.auth import CP, Team
+from wrenn.controlplane.db.records import Snapshot
+from wrenn.controlplane.schemas import wrenn as api
+from wrenn.core.errors import InvalidArgument
+
+router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"])
+
+
+def snapshot_out(s: Snapshot) -> api.SnapshotOut:
+    return api.SnapshotOut(
+        snapshot_id=s.id,
+        name=s.name,
+        sandbox_id=s.sandbox_id,
+        template_id=s.template_id,
+        host_id=s.host_id,
+        cpu_count=s.vcpus,
+        memory_mb=s.memory_mib,
+        size_bytes=s.size_bytes,
+        created_at=s.created_at,
+    )
+
+
+@router.post("", status_code=201)
+async def create_snapshot(body: api.NewSnapshot, cp: CP, who: Team) -> api.SnapshotOut:
+    """Snapshot a running sandbox (it keeps running); new sandboxes can start from it."""
+    return snapshot_out(await cp.sandboxes.snapshot(who.team.id, body.sandbox_id, body.name))
+
+
+@router.get("")
+async def list_snapshots(
+    cp: CP,
+    who: Team,
+    response: Response,
+    sandbox_id: Annotated[str | None, Query(alias="sandboxID", max_length=64)] = None,
+    name: Annotated[str | None, Query(max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    next_token: Annotated[str | None, Query(alias="nextToken", max_length=512)] = None,
+) -> list[api.SnapshotOut]:
+    for label, value in (("sandboxID", sandbox_id), ("name", name)):
+        if value is not None and "\x00" in value:
+            raise InvalidArgument(f"{label}: must not contain NUL characters")
+    async with cp.db.transaction() as tx:
+        page = await tx.snapshots.page(
+            who.team.id, sandbox_id=sandbox_id, name=name, limit=limit, next_token=next_token
+        )
+    if page.next_token:
+        response.headers["x-next-token"] = page.next_token
+    return [snapshot_out(s) for s in page.items]
+
+
+@router.get("/{snapshot_ref:path}")
+async def get_snapshot(snapshot_ref: str, cp: CP, who: Team) -> api.SnapshotOut:
+    """By id or by name."""
+    return snapshot_out(await cp.sandboxes.get_snapshot(who.team.id, snapshot_ref))
+
+
+@router.delete("/{snapshot_ref:path}", status_code=204)
+async def delete_snapshot(snapshot_ref: str, cp: CP, who: Team) -> Response:
+    await cp.sandboxes.delete_snapshot(who.team.id, snapshot_ref)
+    return Response(status_code=204)

@@ -1,0 +1,455 @@
+"""Sandbox operations: the database, the scheduler and the host agents put together.
+
+Invariants:
+- every state change is a compare-and-set in the database (``transition``); whoever moves a
+  sandbox out of a state owns the follow-up RPC, so a request and the lifecycle worker never
+  both pause or kill one sandbox;
+- a sandbox another team owns, or one that is killed, is ``NotFound`` (never 403: ids do not
+  leak across teams);
+- placement (choosing a host and recording the sandbox on it) is serialized in this process so
+  two creates cannot both take a host's last room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from wrenn import log
+from wrenn.controlplane import ids, scheduler
+from wrenn.controlplane.config import ControlPlaneSettings
+from wrenn.controlplane.db import Database
+from wrenn.controlplane.db.records import (
+    VISIBLE_STATES,
+    Host,
+    Page,
+    Sandbox,
+    SandboxState,
+    Snapshot,
+    Template,
+)
+from wrenn.controlplane.db.sandboxes import SandboxQuery
+from wrenn.controlplane.errors import Conflict
+from wrenn.controlplane.hostpool import AgentClient, HostPool
+from wrenn.core.errors import InvalidArgument, NotFound, Unavailable
+from wrenn.gen.hostagent import hostagent_pb as pb
+
+_log = log.get(__name__)
+
+#: Any visible sandbox can be killed; a second kill of a stopping one retries the RPC.
+_KILLABLE = VISIBLE_STATES
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class CreateSpec:
+    template_ref: str
+    timeout_s: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    env_vars: dict[str, str] = field(default_factory=dict)
+    auto_pause: bool = False
+    auto_resume: bool = False
+    allow_internet_access: bool | None = None
+
+
+@dataclass(frozen=True)
+class Metrics:
+    timestamp: datetime
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+
+
+class Sandboxes:
+    def __init__(self, db: Database, pool: HostPool, settings: ControlPlaneSettings) -> None:
+        self._db = db
+        self._pool = pool
+        self._settings = settings
+        self._placement = asyncio.Lock()
+        self.policy = scheduler.Policy(
+            heartbeat_window=timedelta(seconds=settings.heartbeat_window_s),
+            reserve_vcpus=settings.reserve_vcpus,
+            reserve_memory_mib=settings.reserve_memory_mib,
+            reserve_disk_mib=settings.reserve_disk_mib,
+            cpu_overcommit=settings.cpu_overcommit,
+            sandbox_disk_mib=settings.sandbox_disk_mib,
+        )
+
+    # --- lookups --------------------------------------------------------------------------
+
+    def check_timeout(self, timeout_s: int, what: str = "timeout") -> int:
+        if timeout_s > self._settings.max_timeout_s:
+            raise InvalidArgument(
+                f"{what} {timeout_s} s exceeds the maximum of {self._settings.max_timeout_s} s"
+            )
+        return timeout_s
+
+    async def get(self, team_id: str, sandbox_id: str) -> Sandbox:
+        if not ids.is_sandbox_id(sandbox_id):
+            raise NotFound(f"sandbox {sandbox_id!r} not found")
+        async with self._db.transaction() as tx:
+            sandbox = await tx.sandboxes.get(sandbox_id)
+        if sandbox is None or sandbox.team_id != team_id or sandbox.state not in VISIBLE_STATES:
+            raise NotFound(f"sandbox {sandbox_id!r} not found")
+        return sandbox
+
+    async def page(self, query: SandboxQuery) -> Page[Sandbox]:
+        async with self._db.transaction() as tx:
+            return await tx.sandboxes.page(query)
+
+    async def _agent(self, host_id: str | None, what: str) -> tuple[Host, AgentClient]:
+        host = None
+        if host_id is not None:
+            async with self._db.transaction() as tx:
+                host = await tx.hosts.get(host_id)
+        if host is None:
+            raise Unavailable(f"the host of {what} is gone")
+        return host, await self._pool.get(host)
+
+    # --- create ---------------------------------------------------------------------------
+
+    async def _resolve(self, team_id: str, ref: str) -> tuple[Template | None, Snapshot | None]:
+        async with self._db.transaction() as tx:
+            template = await tx.templates.get(ref, team_id)
+            if template is not None:
+                return template, None
+            snapshot = await tx.snapshots.find(team_id, ref)
+            if snapshot is not None:
+                return await tx.templates.get(snapshot.template_id, team_id), snapshot
+        raise NotFound(f"template {ref!r} not found")
+
+    async def create(self, team_id: str, spec: CreateSpec) -> Sandbox:
+        timeout_s = self.check_timeout(spec.timeout_s)
+        template, snapshot = await self._resolve(team_id, spec.template_ref)
+        if snapshot is not None:
+            vcpus, memory_mib = snapshot.vcpus, snapshot.memory_mib
+            template_id = snapshot.template_id
+            disk_mib = template.disk_mib if template else 0
+        else:
+            assert template is not None
+            vcpus, memory_mib, disk_mib = template.vcpus, template.memory_mib, template.disk_mib
+            template_id = template.id
+        demand = scheduler.Demand(vcpus, memory_mib, self._settings.sandbox_disk_mib)
+        now = _now()
+        async with self._placement, self._db.transaction() as tx:
+            host = scheduler.place(
+                await tx.hosts.all(),
+                await tx.hosts.loads(),
+                demand,
+                self.policy,
+                now,
+                pinned_host_id=snapshot.host_id if snapshot else None,
+                pinned_reason=f"snapshot {snapshot.id}" if snapshot else "",
+            )
+            sandbox = Sandbox(
+                id=ids.sandbox_id(),
+                team_id=team_id,
+                host_id=host.id,
+                template_id=template_id,
+                alias=spec.template_ref if spec.template_ref != template_id else None,
+                snapshot_id=snapshot.id if snapshot else None,
+                state=SandboxState.STARTING,
+                vcpus=vcpus,
+                memory_mib=memory_mib,
+                disk_mib=disk_mib,
+                envd_version=template.envd_version if template else "",
+                envd_access_token=ids.envd_access_token(),
+                allow_internet_access=spec.allow_internet_access,
+                auto_pause=spec.auto_pause,
+                auto_resume=spec.auto_resume,
+                build_id=None,
+                started_at=now,
+                end_at=now + timedelta(seconds=timeout_s),
+                created_at=now,
+                metadata=dict(spec.metadata),
+            )
+            await tx.sandboxes.insert(sandbox)
+        log_ = _log.bind(sandbox_id=sandbox.id, host_id=host.id)
+        agent = await self._pool.get(host)
+        try:
+            info = await agent.create_sandbox(
+                pb.CreateSandboxRequest(
+                    sandbox_id=sandbox.id,
+                    template_id=template_id,
+                    snapshot_id=snapshot.id if snapshot else None,
+                    vcpus=vcpus,
+                    memory_mib=memory_mib,
+                    env_vars=dict(spec.env_vars),
+                    envd_access_token=sandbox.envd_access_token,
+                    allow_internet_access=spec.allow_internet_access is not False,
+                    metadata=dict(spec.metadata),
+                )
+            )
+        except BaseException:
+            await asyncio.shield(self._mark(sandbox.id, SandboxState.STARTING, SandboxState.FAILED))
+            raise
+        started = _now()
+        async with self._db.transaction() as tx:
+            running = await tx.sandboxes.transition(
+                sandbox.id,
+                {SandboxState.STARTING},
+                SandboxState.RUNNING,
+                envd_version=info.envd_version or sandbox.envd_version,
+                started_at=started,
+                end_at=started + timedelta(seconds=timeout_s),
+            )
+            await tx.templates.record_spawn(template_id)
+        if running is None:
+            # Killed while it was starting: the kill found nothing on the host yet.
+            log_.info("sandbox.killed_while_starting")
+            await self._destroy_quietly(agent, sandbox.id)
+            raise NotFound(f"sandbox {sandbox.id!r} was killed while starting")
+        log_.info("sandbox.created", template_id=template_id, snapshot_id=sandbox.snapshot_id)
+        return running
+
+    async def _mark(self, sandbox_id: str, from_state: SandboxState, to: SandboxState) -> None:
+        ended = to in (SandboxState.FAILED, SandboxState.KILLED)
+        async with self._db.transaction() as tx:
+            if ended:
+                await tx.sandboxes.transition(sandbox_id, {from_state}, to, ended_at=_now())
+            else:
+                await tx.sandboxes.transition(sandbox_id, {from_state}, to)
+
+    async def _destroy_quietly(self, agent: AgentClient, sandbox_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await agent.destroy_sandbox(sandbox_id)
+
+    # --- kill -----------------------------------------------------------------------------
+
+    async def kill(self, team_id: str, sandbox_id: str) -> None:
+        await self.kill_sandbox(await self.get(team_id, sandbox_id))
+
+    async def kill_sandbox(self, sandbox: Sandbox) -> None:
+        async with self._db.transaction() as tx:
+            moved = await tx.sandboxes.transition(sandbox.id, _KILLABLE, SandboxState.STOPPING)
+            host = await tx.hosts.get(sandbox.host_id) if sandbox.host_id else None
+        if moved is None:
+            raise NotFound(f"sandbox {sandbox.id!r} not found")
+        if host is not None and scheduler.is_live(host, _now(), self.policy):
+            await self._destroy_quietly(await self._pool.get(host), sandbox.id)
+        else:
+            # Nothing to ask: the host is gone or silent. What it still runs is reconciled
+            # when it comes back.
+            _log.warning(
+                "sandbox.killed_without_host", sandbox_id=sandbox.id, host_id=sandbox.host_id
+            )
+        await self._mark(sandbox.id, SandboxState.STOPPING, SandboxState.KILLED)
+        _log.info("sandbox.killed", sandbox_id=sandbox.id)
+
+    # --- timeouts -------------------------------------------------------------------------
+
+    async def set_timeout(self, team_id: str, sandbox_id: str, timeout_s: int) -> Sandbox:
+        """The sandbox ends ``timeout_s`` from now (sooner or later than before)."""
+        self.check_timeout(timeout_s)
+        sandbox = await self.get(team_id, sandbox_id)
+        async with self._db.transaction() as tx:
+            updated = await tx.sandboxes.update(
+                sandbox.id, end_at=_now() + timedelta(seconds=timeout_s)
+            )
+        assert updated is not None
+        return updated
+
+    async def refresh(self, team_id: str, sandbox_id: str, duration_s: int) -> Sandbox:
+        """Keep the sandbox alive at least ``duration_s`` from now (never shortens)."""
+        self.check_timeout(duration_s, "duration")
+        sandbox = await self.get(team_id, sandbox_id)
+        end_at = max(sandbox.end_at, _now() + timedelta(seconds=duration_s))
+        async with self._db.transaction() as tx:
+            updated = await tx.sandboxes.update(sandbox.id, end_at=end_at)
+        assert updated is not None
+        return updated
+
+    # --- pause and resume -----------------------------------------------------------------
+
+    async def pause(self, team_id: str, sandbox_id: str) -> Sandbox:
+        return await self.pause_sandbox(await self.get(team_id, sandbox_id))
+
+    async def pause_sandbox(self, sandbox: Sandbox) -> Sandbox:
+        if sandbox.state in (SandboxState.PAUSED, SandboxState.PAUSING):
+            raise Conflict(f"sandbox {sandbox.id!r} is already paused")
+        async with self._db.transaction() as tx:
+            moved = await tx.sandboxes.transition(
+                sandbox.id, {SandboxState.RUNNING}, SandboxState.PAUSING
+            )
+        if moved is None:
+            raise Conflict(f"sandbox {sandbox.id!r} is not running")
+        try:
+            _, agent = await self._agent(sandbox.host_id, f"sandbox {sandbox.id!r}")
+            build_id = await agent.pause_sandbox(sandbox.id)
+        except BaseException:
+            await asyncio.shield(self._mark(sandbox.id, SandboxState.PAUSING, SandboxState.RUNNING))
+            raise
+        async with self._db.transaction() as tx:
+            paused = await tx.sandboxes.transition(
+                sandbox.id, {SandboxState.PAUSING}, SandboxState.PAUSED, build_id=build_id or None
+            )
+        if paused is None:
+            raise NotFound(f"sandbox {sandbox.id!r} not found")
+        _log.info("sandbox.paused", sandbox_id=sandbox.id, build_id=build_id)
+        return paused
+
+    async def resume(
+        self, team_id: str, sandbox_id: str, timeout_s: int, *, auto_pause: bool | None = None
+    ) -> Sandbox:
+        sandbox = await self.get(team_id, sandbox_id)
+        if sandbox.state is SandboxState.RUNNING:
+            raise Conflict(f"sandbox {sandbox.id!r} is already running")
+        return await self._resume(sandbox, timeout_s, auto_pause)
+
+    async def _resume(self, sandbox: Sandbox, timeout_s: int, auto_pause: bool | None) -> Sandbox:
+        self.check_timeout(timeout_s)
+        if sandbox.state is not SandboxState.PAUSED:
+            raise Conflict(f"sandbox {sandbox.id!r} is {sandbox.state.value}, not paused")
+        demand = scheduler.Demand(
+            sandbox.vcpus, sandbox.memory_mib, self._settings.sandbox_disk_mib
+        )
+        async with self._placement, self._db.transaction() as tx:
+            host = scheduler.place(
+                await tx.hosts.all(),
+                await tx.hosts.loads(),
+                demand,
+                self.policy,
+                _now(),
+                pinned_host_id=sandbox.host_id or "",
+                pinned_reason=f"paused sandbox {sandbox.id}",
+            )
+            moved = await tx.sandboxes.transition(
+                sandbox.id, {SandboxState.PAUSED}, SandboxState.RESUMING
+            )
+        if moved is None:
+            raise Conflict(f"sandbox {sandbox.id!r} is no longer paused")
+        try:
+            agent = await self._pool.get(host)
+            info = await agent.resume_sandbox(
+                pb.ResumeSandboxRequest(
+                    sandbox_id=sandbox.id,
+                    envd_access_token=sandbox.envd_access_token,
+                    allow_internet_access=sandbox.allow_internet_access is not False,
+                )
+            )
+        except BaseException:
+            await asyncio.shield(self._mark(sandbox.id, SandboxState.RESUMING, SandboxState.PAUSED))
+            raise
+        now = _now()
+        values: dict[str, object] = {
+            "end_at": now + timedelta(seconds=timeout_s),
+            "build_id": None,
+            "envd_version": info.envd_version or sandbox.envd_version,
+        }
+        if auto_pause is not None:
+            values["auto_pause"] = auto_pause
+        async with self._db.transaction() as tx:
+            running = await tx.sandboxes.transition(
+                sandbox.id, {SandboxState.RESUMING}, SandboxState.RUNNING, **values
+            )
+        if running is None:
+            await self._destroy_quietly(agent, sandbox.id)
+            raise NotFound(f"sandbox {sandbox.id!r} was killed while resuming")
+        _log.info("sandbox.resumed", sandbox_id=sandbox.id)
+        return running
+
+    async def connect(self, team_id: str, sandbox_id: str, timeout_s: int) -> tuple[Sandbox, bool]:
+        """A running sandbox gets at least ``timeout_s`` more; a paused one is resumed.
+        Returns the sandbox and whether it was resumed."""
+        self.check_timeout(timeout_s)
+        sandbox = await self.get(team_id, sandbox_id)
+        if sandbox.state is SandboxState.PAUSED:
+            return await self._resume(sandbox, timeout_s, None), True
+        if sandbox.state is not SandboxState.RUNNING:
+            raise Conflict(f"sandbox {sandbox.id!r} is {sandbox.state.value}; retry shortly")
+        end_at = max(sandbox.end_at, _now() + timedelta(seconds=timeout_s))
+        async with self._db.transaction() as tx:
+            updated = await tx.sandboxes.update(sandbox.id, end_at=end_at)
+        assert updated is not None
+        return updated, False
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    async def snapshot(self, team_id: str, sandbox_id: str, name: str | None) -> Snapshot:
+        sandbox = await self.get(team_id, sandbox_id)
+        if sandbox.state is not SandboxState.RUNNING:
+            raise Conflict(f"sandbox {sandbox.id!r} is {sandbox.state.value}, not running")
+        if name is not None:
+            if not ids.is_resource_ref(name):
+                raise InvalidArgument(f"invalid snapshot name: {name!r}")
+            async with self._db.transaction() as tx:
+                if await tx.snapshots.name_taken(team_id, name):
+                    raise Conflict(f"a snapshot named {name!r} already exists")
+        _, agent = await self._agent(sandbox.host_id, f"sandbox {sandbox.id!r}")
+        snapshot_id = ids.snapshot_id()
+        info = await agent.create_snapshot(sandbox.id, snapshot_id)
+        snapshot = Snapshot(
+            id=snapshot_id,
+            team_id=team_id,
+            name=name,
+            sandbox_id=sandbox.id,
+            template_id=sandbox.template_id,
+            host_id=sandbox.host_id,
+            vcpus=info.vcpus or sandbox.vcpus,
+            memory_mib=info.memory_mib or sandbox.memory_mib,
+            size_bytes=info.size_bytes,
+            created_at=_now(),
+        )
+        try:
+            async with self._db.transaction() as tx:
+                await tx.snapshots.insert(snapshot)
+        except BaseException:
+            await asyncio.shield(self._delete_on_agent(agent, snapshot_id))
+            raise
+        _log.info("snapshot.created", sandbox_id=sandbox.id, snapshot_id=snapshot_id)
+        return snapshot
+
+    async def _delete_on_agent(self, agent: AgentClient, snapshot_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await agent.delete_snapshot(snapshot_id)
+
+    async def get_snapshot(self, team_id: str, ref: str) -> Snapshot:
+        if not ids.is_resource_ref(ref):
+            raise NotFound(f"snapshot {ref[:128]!r} not found")
+        async with self._db.transaction() as tx:
+            snapshot = await tx.snapshots.find(team_id, ref)
+        if snapshot is None:
+            raise NotFound(f"snapshot {ref!r} not found")
+        return snapshot
+
+    async def delete_snapshot(self, team_id: str, ref: str) -> None:
+        snapshot = await self.get_snapshot(team_id, ref)
+        async with self._db.transaction() as tx:
+            host = await tx.hosts.get(snapshot.host_id) if snapshot.host_id else None
+        if host is not None and scheduler.is_live(host, _now(), self.policy):
+            await self._delete_on_agent(await self._pool.get(host), snapshot.id)
+        async with self._db.transaction() as tx:
+            await tx.snapshots.delete(snapshot.id)
+        _log.info("snapshot.deleted", snapshot_id=snapshot.id)
+
+    # --- metrics --------------------------------------------------------------------------
+
+    async def metrics(self, team_id: str, sandbox_id: str) -> list[Metrics]:
+        sandbox = await self.get(team_id, sandbox_id)
+        if sandbox.state is not SandboxState.RUNNING:
+            return []
+        _, agent = await self._agent(sandbox.host_id, f"sandbox {sandbox.id!r}")
+        m = await agent.sandbox_metrics(sandbox.id)
+        if m is None:
+            return []
+        return [
+            Metrics(
+                timestamp=datetime.fromtimestamp(m.timestamp_ms / 1000, UTC)
+                if m.timestamp_ms
+                else _now(),
+                cpu_count=m.cpu_count or sandbox.vcpus,
+                cpu_used_pct=m.cpu_used_pct,
+                mem_used_bytes=m.mem_used_bytes,
+                mem_total_bytes=m.mem_total_bytes,
+                disk_used_bytes=m.disk_used_bytes,
+                disk_total_bytes=m.disk_total_bytes,
+            )
+        ]
