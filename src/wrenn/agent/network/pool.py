@@ -1,0 +1,208 @@
+"""A pool of pre-built network slots, handed to sandboxes and recycled.
+
+    SlotPool.start()  reap leftovers → check host → host table + ip_forward → build N slots
+    acquire()         free → in use (internet access set as asked)
+    release()         in use → reset (egress off, conntrack forgotten) → free
+    close()           every slot torn down, host table removed (ip_forward left on)
+
+Netlink and subprocess work runs on worker threads; the pool's bookkeeping stays on the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import ParamSpec, TypeVar
+
+from pyroute2 import NetlinkError
+
+from wrenn import log
+from wrenn.agent.network import host, links, reaper
+from wrenn.agent.network.addressing import (
+    GATEWAY_IP,
+    GUEST_IP,
+    GUEST_MAC,
+    TAP_NAME,
+    NetworkPlan,
+    SlotAddresses,
+)
+from wrenn.core.errors import FailedPrecondition, ResourceExhausted, WrennError
+
+_log = log.get(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+async def _in_thread(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """``fn`` on a worker thread, awaited to its end even if the caller is cancelled, so
+    the pool's bookkeeping never runs ahead of the kernel state."""
+    task = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})
+        raise
+
+
+class Slot:
+    """One sandbox's network: a namespace holding ``tap0`` for the VMM, reached from the host
+    at ``sandbox_ip`` (every port NATed to the guest's 169.254.0.21)."""
+
+    tap_name = TAP_NAME
+    guest_mac = GUEST_MAC
+    guest_ip = GUEST_IP
+    gateway_ip = GATEWAY_IP
+
+    def __init__(self, addresses: SlotAddresses) -> None:
+        self.addresses = addresses
+        self.in_use = False
+        self.internet_access = False
+
+    @property
+    def index(self) -> int:
+        return self.addresses.index
+
+    @property
+    def netns(self) -> str:
+        return self.addresses.netns
+
+    @property
+    def netns_path(self) -> Path:
+        return Path("/run/netns") / self.addresses.netns
+
+    @property
+    def sandbox_ip(self) -> str:
+        return str(self.addresses.sandbox_ip)
+
+    async def set_internet_access(self, enabled: bool) -> None:
+        """Allow or stop connections the guest opens out of the slot."""
+        if not self.in_use:
+            raise FailedPrecondition(f"slot {self.index} is not in use")
+        await _in_thread(links.set_internet_access, self.addresses, enabled)
+        self.internet_access = enabled
+
+    def __repr__(self) -> str:
+        return f"Slot({self.index}, {self.netns}, {self.sandbox_ip})"
+
+
+class SlotPool:
+    """``plan.slot_count`` slots built at start and reused. Use as an async context manager,
+    or call ``start()`` and ``close()``."""
+
+    def __init__(self, plan: NetworkPlan) -> None:
+        self.plan = plan
+        self._slots: list[Slot] = []
+        self._free: deque[Slot] = deque()
+        self._lock = asyncio.Lock()
+        self._started = False
+        self._host_installed = False
+
+    @property
+    def slots(self) -> list[Slot]:
+        return list(self._slots)
+
+    @property
+    def free_count(self) -> int:
+        return len(self._free)
+
+    async def start(self) -> None:
+        if self._started:
+            raise FailedPrecondition("slot pool already started")
+        self._started = True
+        try:
+            await _in_thread(self._start_sync)
+        except BaseException:
+            await asyncio.shield(self.close())
+            raise
+        _log.info("network.pool_started", slots=len(self._slots), prefix=self.plan.prefix)
+
+    def _start_sync(self) -> None:
+        host.require()
+        reaped = reaper.reap(self.plan)
+        if not reaped.empty:
+            _log.warning(
+                "network.reaped",
+                links=reaped.links,
+                namespaces=reaped.namespaces,
+                tables=reaped.tables,
+                conntrack_entries=reaped.conntrack_entries,
+            )
+        host.check_pools(self.plan)
+        host.enable_ip_forward()
+        self._host_installed = True
+        host.install(self.plan)
+        for addresses in self.plan.slots():
+            links.build(addresses)
+            slot = Slot(addresses)
+            self._slots.append(slot)
+            self._free.append(slot)
+
+    async def acquire(self, *, internet_access: bool = False) -> Slot:
+        """A free slot, its internet access set; ``ResourceExhausted`` when none is free."""
+        async with self._lock:
+            if not self._free:
+                raise ResourceExhausted(f"all {len(self._slots)} network slots are in use")
+            slot = self._free.popleft()
+            slot.in_use = True
+        try:
+            if internet_access:
+                await slot.set_internet_access(True)
+        except BaseException:
+            await asyncio.shield(self.release(slot))
+            raise
+        return slot
+
+    async def release(self, slot: Slot) -> None:
+        """Reset ``slot`` and return it to the pool. A slot that cannot be reset is rebuilt;
+        one that cannot be rebuilt leaves the pool and the error is raised."""
+        if slot not in self._slots or not slot.in_use:
+            raise FailedPrecondition(f"slot {slot.index} is not in use in this pool")
+        try:
+            await _in_thread(links.reset, slot.addresses)
+        except (WrennError, NetlinkError, OSError):
+            _log.warning("network.slot_reset_failed", slot=slot.index, exc_info=True)
+            try:
+                await _in_thread(self._rebuild, slot.addresses)
+            except BaseException:
+                self._slots.remove(slot)
+                raise
+        slot.in_use = False
+        slot.internet_access = False
+        async with self._lock:
+            self._free.append(slot)
+
+    @staticmethod
+    def _rebuild(addresses: SlotAddresses) -> None:
+        links.teardown(addresses)
+        links.build(addresses)
+
+    async def close(self) -> None:
+        """Tear down every slot (in use or not) and the host table. Idempotent."""
+        async with self._lock:
+            slots, self._slots = self._slots, []
+            self._free.clear()
+        await _in_thread(self._close_sync, slots)
+
+    def _close_sync(self, slots: list[Slot]) -> None:
+        for slot in slots:
+            links.teardown(slot.addresses)
+            slot.in_use = False
+        if self._host_installed:
+            host.uninstall(self.plan)
+            self._host_installed = False
+
+    async def __aenter__(self) -> SlotPool:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await asyncio.shield(self.close())
