@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import httpx
 import psutil
@@ -318,3 +319,15 @@ def test_envd_snapshot_cycles_restart_ports_without_leaks(
     wait_until(lambda: echoes(forward, threaded_echo.port))
     assert settled_fds(pid, forward) == baseline
     assert psutil.Process(pid).children(recursive=True) == []
+
+
+async def test_a_failing_scan_does_not_end_the_subsystem(tmp_path: Path) -> None:
+    (tmp_path / "net" / "tcp").mkdir(parents=True)  # unreadable as a file
+    ports = PortSubsystem(settings(unique_loopback()), proc_root=str(tmp_path))
+    try:
+        await ports.start()
+        for _ in range(3):
+            await scanned(ports)
+        assert ports.running and ports.forwarded == {}
+    finally:
+        await ports.stop()

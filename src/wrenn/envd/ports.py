@@ -294,9 +294,17 @@ class PortSubsystem:
 
     async def _run(self, address: IPAddress) -> None:
         try:
+            failing = False
             while True:
                 self._scans_started += 1
-                await self._scan(address)
+                try:
+                    await self._scan(address)
+                    failing = False
+                except Exception:
+                    # Task boundary: one failed scan must not end forwarding; log once per streak.
+                    if not failing:
+                        _log.error("ports.scan_failed", exc_info=True)
+                    failing = True
                 self._scans_done += 1
                 async with self._scan_done:
                     self._scan_done.notify_all()
