@@ -58,7 +58,7 @@ class ProcessHandle:
         self._stderr_fd = spawned.stderr_fd
         self._pty_fd = spawned.pty_fd
         self._has_pty = spawned.pty_fd is not None
-        self._pidfd = os.pidfd_open(self.pid)
+        self._pidfd = spawned.pidfd
         self._exited = asyncio.Event()
         self._read_waiters: set[asyncio.Future[None]] = set()
         self._write_lock = asyncio.Lock()

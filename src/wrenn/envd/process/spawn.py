@@ -151,6 +151,7 @@ class Spawned:
     """A forked child and the parent's ends of its standard streams."""
 
     popen: subprocess.Popen[bytes]
+    pidfd: int
     stdin_fd: int | None
     stdout_fd: int | None
     stderr_fd: int | None
@@ -229,4 +230,11 @@ def spawn(spec: LaunchSpec, cgroup_fds: Sequence[int]) -> Spawned:
         raise
     finally:
         _close_quietly(*theirs)
-    return Spawned(popen, stdin_fd, stdout_fd, stderr_fd, pty_fd)
+    try:
+        pidfd = os.pidfd_open(popen.pid)
+    except OSError as err:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+        _close_quietly(*ours)
+        raise ResourceExhausted(f"cannot watch the new process: {err.strerror}") from err
+    return Spawned(popen, pidfd, stdin_fd, stdout_fd, stderr_fd, pty_fd)
