@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
-from e2b import AsyncSandbox, FileType, InvalidArgumentException, NotFoundException, Sandbox
+from e2b import (
+    AsyncSandbox,
+    FileType,
+    InvalidArgumentException,
+    NotFoundException,
+    Sandbox,
+    SandboxException,
+)
 from e2b.sandbox.filesystem.watch_handle import FilesystemEvent, FilesystemEventType
 from e2b.sandbox_sync.filesystem.watch_handle import WatchHandle
 from protobuf import Oneof
@@ -162,7 +169,7 @@ def test_watch_errors(sandbox: Sandbox, tmp_dir: Path) -> None:
 def test_watch_as_a_user_needs_read_permission(sandbox: Sandbox, tmp_dir: Path) -> None:
     tmp_dir.chmod(0o755)
     (tmp_dir / "private").mkdir(mode=0o700)
-    with pytest.raises(Exception, match="permission denied"):
+    with pytest.raises(SandboxException, match="permission denied"):
         sandbox.files.watch_dir(str(tmp_dir / "private"), user="nobody")
     handle = sandbox.files.watch_dir(str(tmp_dir), user="nobody")
     handle.stop()
