@@ -7,8 +7,9 @@ edge (Connect RPC error, or HTTP status with body ``{"code", "message"}``).
     ├── PermissionDenied            permission_denied     403
     ├── NotFound                    not_found             404
     ├── AlreadyExists               already_exists        409
-    ├── FailedPrecondition          failed_precondition   412 (409 for REST resources)
-    ├── ResourceExhausted           resource_exhausted    429 (507 for storage)
+    ├── FailedPrecondition          failed_precondition   400
+    ├── ResourceExhausted           resource_exhausted    429
+    │   └── StorageExhausted        resource_exhausted    507
     ├── DeadlineExceeded            deadline_exceeded     504
     ├── Unavailable                 unavailable           503
     ├── Unimplemented               unimplemented         501
@@ -110,6 +111,14 @@ class ResourceExhausted(WrennError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class StorageExhausted(ResourceExhausted):
+    """No space left: HTTP 507, which the e2b SDK reports as NotEnoughSpaceException."""
+
+    @property
+    def http_status(self) -> int:
+        return 507
+
+
 class DeadlineExceeded(WrennError):
     code = Code.DEADLINE_EXCEEDED
 
@@ -178,7 +187,7 @@ def from_os_error(err: OSError, path: str) -> WrennError:
         case errno.ENOTEMPTY:
             return FailedPrecondition(f"directory not empty: {path}")
         case errno.ENOSPC | errno.EDQUOT:
-            return ResourceExhausted(f"no space left on device: {path}")
+            return StorageExhausted(f"no space left on device: {path}")
         case errno.ENAMETOOLONG:
             return InvalidArgument(f"path name too long: {path}")
         case errno.ELOOP:

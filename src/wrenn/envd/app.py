@@ -32,6 +32,9 @@ from wrenn.gen.process.process_connect import ProcessASGIApplication
 
 _log = log.get(__name__)
 
+#: Largest Connect request message envd reads (stdin chunks, paths); larger is resource_exhausted.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
 
 @dataclass
 class Envd:
@@ -66,7 +69,7 @@ def build(settings: EnvdSettings, conns: ConnTracker | None = None) -> ASGIApp:
     envd = Envd(
         settings=settings,
         defaults=defaults,
-        conns=conns or ConnTracker(),
+        conns=conns if conns is not None else ConnTracker(),
         ports=PortSubsystem(settings),
         cgroups=cgroups,
         processes=ProcessService(defaults, settings, cgroups),
@@ -109,9 +112,13 @@ def build(settings: EnvdSettings, conns: ConnTracker | None = None) -> ASGIApp:
     )
     http.state.envd = envd
     interceptors = [ErrorInterceptor()]
-    process_app = ProcessASGIApplication(envd.processes, interceptors=interceptors)
+    process_app = ProcessASGIApplication(
+        envd.processes, interceptors=interceptors, read_max_bytes=MAX_MESSAGE_BYTES
+    )
     filesystem_app = watch_disconnects(
-        FilesystemASGIApplication(envd.filesystem, interceptors=interceptors)
+        FilesystemASGIApplication(
+            envd.filesystem, interceptors=interceptors, read_max_bytes=MAX_MESSAGE_BYTES
+        )
     )
 
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:

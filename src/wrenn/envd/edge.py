@@ -79,8 +79,10 @@ def error_response(err: WrennError) -> Response:
 
 
 async def http_error_handler(request: Request, exc: Exception) -> Response:
-    """Starlette handler for every exception raised by an HTTP endpoint."""
+    """Starlette handler for every exception raised by an HTTP endpoint.
+
+    Unexpected exceptions are not logged here: Starlette's server-error middleware re-raises
+    them after this response is sent, and the server logs the traceback once."""
     if isinstance(exc, WrennError):
         return error_response(exc)
-    _log.error("http.failed", path=request.url.path, exc_info=exc)
     return error_response(Internal("internal error"))

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,
         access_log=False,
         timeout_keep_alive=30,
+        # Open process and watch streams must not hold shutdown hostage: after this grace
+        # the lifespan shutdown runs and kills what is left.
+        timeout_graceful_shutdown=3,
     )
     uvicorn.Server(config).run()
 
