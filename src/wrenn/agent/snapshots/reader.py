@@ -27,9 +27,26 @@ class Extent(NamedTuple):
     address: int | None
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
 class _Layer:
-    """One build's file, mapped private and read-only in intent (copy-on-write so that
-    ctypes can take its address; nothing ever writes to it)."""
+    """One build's file, mapped shared and read-only through libc (Python's mmap cannot hand
+    out the address of a read-only mapping; a private writable one would be charged against
+    the overcommit limit for its whole size)."""
 
     def __init__(self, path: Path, needed_bytes: int) -> None:
         try:
@@ -40,17 +57,26 @@ class _Layer:
             size = os.fstat(fd).st_size
             if size < needed_bytes:
                 raise Corrupted(f"layer {path} is {size} bytes, header needs {needed_bytes}")
-            self.map = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
+            address = 0
+            if size:
+                address = _mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0) or 0
+                if address in (0, _MAP_FAILED):
+                    code = ctypes.get_errno()
+                    raise OSError(code, f"mmap {path}: {os.strerror(code)}")
         finally:
             os.close(fd)
-        self._anchor = ctypes.c_char.from_buffer(self.map) if self.map is not None else None
-        self.address = ctypes.addressof(self._anchor) if self._anchor is not None else 0
+        self.size = size
+        self.address: int = address
+
+    def bytes_at(self, offset: int, length: int) -> bytes:
+        if not self.address:
+            raise FailedPrecondition("reader is closed")
+        return ctypes.string_at(self.address + offset, length)
 
     def close(self) -> None:
-        self._anchor = None
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+        if self.address:
+            _munmap(self.address, self.size)
+            self.address = 0
 
 
 class Reader:
@@ -83,7 +109,7 @@ class Reader:
 
     def _layer(self, build_id: UUID) -> _Layer:
         layer = self._layers.get(build_id)
-        if layer is None or layer.map is None:
+        if layer is None or not layer.address:
             raise FailedPrecondition("reader is closed")
         return layer
 
@@ -102,9 +128,7 @@ class Reader:
             if m.is_zero:
                 parts.append(bytes(m.length))
             else:
-                layer = self._layer(m.build_id).map
-                assert layer is not None
-                parts.append(layer[m.build_offset : m.build_offset + m.length])
+                parts.append(self._layer(m.build_id).bytes_at(m.build_offset, m.length))
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def close(self) -> None:
