@@ -143,6 +143,21 @@ async def test_create_refuses_duplicates_and_missing_parents(
     assert not any((store.root / ".staging").iterdir())
 
 
+async def test_sweep_removes_leftovers_of_interrupted_writes(
+    store: LocalSnapshotStore, tmp_path: Path
+) -> None:
+    src = tmp_path / "mem"
+    src.write_bytes(_memory(8))
+    build = uuid4()
+    await store.create(build, devices={"memfile": DeviceInput(src)})
+    (store.root / ".staging" / f"{uuid4()}-x").mkdir()
+    (store.root / ".trash").mkdir()
+    (store.root / ".trash" / f"{uuid4()}-y").mkdir()
+    assert await store.sweep() == 2
+    assert await store.sweep() == 0
+    assert await store.builds() == [build]
+
+
 async def test_unchanged_diff_stores_nothing_and_rootfs_is_its_own_device(
     store: LocalSnapshotStore, tmp_path: Path
 ) -> None:

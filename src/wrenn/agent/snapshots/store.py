@@ -443,6 +443,23 @@ class LocalSnapshotStore:
         shutil.rmtree(doomed, ignore_errors=True)
         log.info("snapshot.deleted", build_id=str(build_id))
 
+    async def sweep(self) -> int:
+        """Remove what an interrupted create or delete left behind (call at start, before any
+        create). Returns how many leftovers went."""
+        return await asyncio.to_thread(self._sweep)
+
+    def _sweep(self) -> int:
+        removed = 0
+        with self._lock:
+            for scratch in (self.root / ".staging", self.root / ".trash"):
+                if scratch.is_dir():
+                    for entry in scratch.iterdir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                        removed += 1
+        if removed:
+            log.info("snapshot.swept", leftovers=removed)
+        return removed
+
     # -- integrity -------------------------------------------------------------------------------
 
     def _verify(self, build_id: UUID, name: str, manifest: Manifest | None = None) -> Path:
