@@ -262,3 +262,31 @@ async def test_stream_watch_keepalive_and_entry(envd: EnvdProcess, tmp_dir: Path
                     break
         assert kinds[0] == "start"
         assert kinds.index("keepalive") < kinds.index("filesystem")
+
+
+def test_many_watchers_share_one_inotify_instance(envd: EnvdProcess, tmp_dir: Path) -> None:
+    """More watchers than the kernel's per-user inotify instance limit (128 by default), on
+    distinct and on shared directories; each still sees its own events."""
+    client = FilesystemClientSync(envd.url)
+    ids: list[str] = []
+    try:
+        for i in range(300):
+            d = tmp_dir / f"d{i % 250}"
+            d.mkdir(exist_ok=True)
+            ids.append(client.create_watcher(CreateWatcherRequest(path=str(d))).watcher_id)
+        (tmp_dir / "d7" / "x").write_text("x")
+        # Watchers 7 and 257 share d7: both see the file; watcher 8 sees nothing.
+        deadline = time.monotonic() + 10
+        seen: dict[int, set[str]] = {7: set(), 257: set(), 8: set()}
+        while time.monotonic() < deadline and not (seen[7] and seen[257]):
+            for i in seen:
+                events = client.get_watcher_events(GetWatcherEventsRequest(watcher_id=ids[i]))
+                seen[i].update(e.name for e in events.events)
+            time.sleep(0.05)
+        assert seen[7] == {"x"}
+        assert seen[257] == {"x"}
+        assert seen[8] == set()
+    finally:
+        for watcher_id in ids:
+            client.remove_watcher(RemoveWatcherRequest(watcher_id=watcher_id))
+        client.close()

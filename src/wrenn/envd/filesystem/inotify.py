@@ -1,9 +1,14 @@
 """Linux inotify through ctypes, read by the asyncio event loop.
 
-One :class:`Inotify` owns one inotify descriptor. ``add_watch`` is checked by the kernel
-against the calling thread's filesystem identity (read permission on the directory), so
-callers add watches on a thread acting as the requesting user. Reading happens on the event
-loop: the descriptor is non-blocking and registered with ``loop.add_reader``.
+One :class:`Inotify` owns one inotify descriptor; one :class:`Hub` shares it among every
+directory watch of an envd process. The kernel caps inotify *instances* per user
+(``fs.inotify.max_user_instances``, 128 by default) far below *watches*
+(``max_user_watches``), so watches must not each open their own descriptor.
+
+``add_watch`` is checked by the kernel against the calling thread's filesystem identity (read
+permission on the directory), so callers add watches on a thread acting as the requesting
+user. Reading happens on the event loop: the descriptor is non-blocking and registered with
+``loop.add_reader``.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ import ctypes
 import errno
 import os
 import struct
+import threading
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 IN_ACCESS = 0x00000001
 IN_MODIFY = 0x00000002
@@ -126,3 +134,93 @@ class Inotify:
             self._loop.remove_reader(self.fd)
         os.close(self.fd)
         self.fd = -1
+
+
+class Subscriber(Protocol):
+    def deliver(self, events: list[RawEvent]) -> None:
+        """Events of this subscriber's watches, in kernel order. Called on the event loop."""
+
+
+class Hub:
+    """One inotify descriptor shared by many subscribers.
+
+    The kernel returns the same watch descriptor when two subscribers watch the same
+    directory, so the hub counts references per (descriptor, subscriber) and removes a
+    kernel watch only when its last reference goes. ``add``/``remove`` may run on worker
+    threads (``add`` must, to act as the requesting user); the registration happens under
+    the same lock as the syscall, so no event can arrive for a descriptor before its
+    subscriber is known. Queue overflow (wd -1) is delivered to every subscriber.
+    """
+
+    def __init__(self) -> None:
+        self._inotify: Inotify | None = None
+        self._lock = threading.Lock()
+        self._refs: dict[int, dict[Subscriber, int]] = defaultdict(dict)
+
+    def open(self) -> None:
+        """Open the descriptor and start reading it. Call on the event loop; idempotent."""
+        if self._inotify is None:
+            self._inotify = Inotify()
+            self._inotify.on_readable(self._on_readable)
+
+    def add(self, subscriber: Subscriber, path: str, mask: int = DIR_EVENTS) -> int:
+        """Watch ``path`` for ``subscriber``. Blocking; runs with the calling thread's
+        filesystem identity."""
+        if self._inotify is None:
+            raise RuntimeError("inotify hub is not open")
+        with self._lock:
+            wd = self._inotify.add_watch(path, mask)
+            refs = self._refs[wd]
+            refs[subscriber] = refs.get(subscriber, 0) + 1
+        return wd
+
+    def remove(self, subscriber: Subscriber, wd: int) -> None:
+        with self._lock:
+            refs = self._refs.get(wd)
+            if refs is None or subscriber not in refs:
+                return
+            refs[subscriber] -= 1
+            if refs[subscriber] == 0:
+                del refs[subscriber]
+            if not refs:
+                del self._refs[wd]
+                if self._inotify is not None:
+                    self._inotify.rm_watch(wd)
+
+    def remove_all(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            for wd in list(self._refs):
+                refs = self._refs[wd]
+                if refs.pop(subscriber, None) is not None and not refs:
+                    del self._refs[wd]
+                    if self._inotify is not None:
+                        self._inotify.rm_watch(wd)
+
+    def watch_count(self) -> int:
+        with self._lock:
+            return len(self._refs)
+
+    def _on_readable(self) -> None:
+        if self._inotify is None:
+            return
+        batch = self._inotify.read()
+        if not batch:
+            return
+        routed: dict[Subscriber, list[RawEvent]] = defaultdict(list)
+        with self._lock:
+            everyone = {s for refs in self._refs.values() for s in refs}
+            for event in batch:
+                targets = everyone if event.wd == -1 else self._refs.get(event.wd, {})
+                for subscriber in targets:
+                    routed[subscriber].append(event)
+                if event.mask & IN_IGNORED:
+                    self._refs.pop(event.wd, None)
+        for subscriber, events in routed.items():
+            subscriber.deliver(events)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+        with self._lock:
+            self._refs.clear()

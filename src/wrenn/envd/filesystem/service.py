@@ -11,7 +11,7 @@ from connectrpc.request import RequestContext
 
 from wrenn.envd.auth import request_user
 from wrenn.envd.defaults import Defaults
-from wrenn.envd.filesystem import list_dir, make_dir, move, remove, stat, watch_dir
+from wrenn.envd.filesystem import inotify, list_dir, make_dir, move, remove, stat, watch_dir
 from wrenn.envd.filesystem.watchers import Watchers
 from wrenn.envd.users import User
 from wrenn.gen.filesystem.filesystem_connect import Filesystem
@@ -40,7 +40,8 @@ from wrenn.gen.filesystem.filesystem_pb import (
 class FilesystemService(Filesystem):
     def __init__(self, defaults: Defaults) -> None:
         self.defaults = defaults
-        self.watchers = Watchers()
+        self.inotify = inotify.Hub()
+        self.watchers = Watchers(self.inotify)
 
     def _user(self, ctx: RequestContext[Any, Any]) -> User:
         return request_user(ctx.request_headers, self.defaults)
@@ -74,7 +75,7 @@ class FilesystemService(Filesystem):
         self, request: WatchDirRequest, ctx: RequestContext[WatchDirRequest, WatchDirResponse], /
     ) -> AsyncIterator[WatchDirResponse]:
         user = self._user(ctx)
-        return watch_dir.watch_dir(request, user, self.defaults, ctx.request_headers)
+        return watch_dir.watch_dir(self.inotify, request, user, self.defaults, ctx.request_headers)
 
     async def create_watcher(
         self,
@@ -102,3 +103,4 @@ class FilesystemService(Filesystem):
 
     async def aclose(self) -> None:
         await self.watchers.aclose()
+        self.inotify.close()

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from protobuf import Oneof
 
 from wrenn.envd.defaults import Defaults
-from wrenn.envd.filesystem import disconnect, keepalive, paths
+from wrenn.envd.filesystem import disconnect, inotify, keepalive, paths
 from wrenn.envd.filesystem.watcher import DirWatcher
 from wrenn.envd.users import User
 from wrenn.gen.filesystem.filesystem_pb import FilesystemEvent, WatchDirRequest, WatchDirResponse
@@ -35,10 +35,15 @@ def _filesystem(change: FilesystemEvent) -> WatchDirResponse:
 
 
 async def watch_dir(
-    request: WatchDirRequest, user: User, defaults: Defaults, headers: Mapping[str, str]
+    hub: inotify.Hub,
+    request: WatchDirRequest,
+    user: User,
+    defaults: Defaults,
+    headers: Mapping[str, str],
 ) -> AsyncIterator[WatchDirResponse]:
     path = paths.resolve(request.path, user, defaults.workdir)
     watcher = await DirWatcher.open(
+        hub,
         path,
         user,
         recursive=request.recursive,

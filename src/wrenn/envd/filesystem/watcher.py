@@ -13,9 +13,10 @@ inotify → event type, as E2B's fsnotify-based watcher maps them:
 Event names are relative to the watched directory (``.`` for the directory itself). The
 ``*_SELF`` events of subdirectories are dropped: their parent already reports them.
 
-A :class:`DirWatcher` owns its inotify descriptor and one task that turns raw events into
-messages (it adds watches for new subdirectories and reads entry info on threads acting as
-the requesting user); ``aclose`` cancels the task and closes the descriptor.
+A :class:`DirWatcher` holds watches on the shared inotify :class:`~inotify.Hub` and one task
+that turns raw events into messages (it adds watches for new subdirectories and reads entry
+info on threads acting as the requesting user); ``aclose`` cancels the task and drops its
+watches.
 """
 
 from __future__ import annotations
@@ -106,12 +107,20 @@ class _Added:
 
 
 class DirWatcher:
-    def __init__(self, root: str, user: User, *, recursive: bool, include_entry: bool) -> None:
+    def __init__(
+        self,
+        hub: inotify.Hub,
+        root: str,
+        user: User,
+        *,
+        recursive: bool,
+        include_entry: bool,
+    ) -> None:
         self.root = root
         self.user = user
         self.recursive = recursive
         self.include_entry = include_entry
-        self._inotify = inotify.Inotify()
+        self._hub = hub
         self._paths: dict[int, str] = {}  # watch descriptor → path relative to root
         self._raw: asyncio.Queue[list[inotify.RawEvent]] = asyncio.Queue()
         self._events: asyncio.Queue[FilesystemEvent | WrennError] = asyncio.Queue()
@@ -121,6 +130,7 @@ class DirWatcher:
     @classmethod
     async def open(
         cls,
+        hub: inotify.Hub,
         root: str,
         user: User,
         *,
@@ -130,14 +140,14 @@ class DirWatcher:
     ) -> DirWatcher:
         """Start watching ``root``: every change after this returns is reported."""
         await identity.run_as(user, check_watchable, root, allow_network_mounts)
-        watcher = cls(root, user, recursive=recursive, include_entry=include_entry)
+        hub.open()
+        watcher = cls(hub, root, user, recursive=recursive, include_entry=include_entry)
         try:
             added = await identity.run_as(user, watcher._add_tree, "", True)
         except BaseException:
-            watcher._inotify.close()
+            hub.remove_all(watcher)
             raise
         watcher._paths.update(added.watches)
-        watcher._inotify.on_readable(watcher._on_readable)
         watcher._task = asyncio.create_task(watcher._run(), name=f"watch {root}")
         _log.debug("watch.started", path=root, recursive=recursive, watches=len(watcher._paths))
         return watcher
@@ -171,15 +181,13 @@ class DirWatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        self._inotify.close()
+        self._hub.remove_all(self)
         _log.debug("watch.stopped", path=self.root)
 
     # -- event loop side -------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        batch = self._inotify.read()
-        if batch:
-            self._raw.put_nowait(batch)
+    def deliver(self, events: list[inotify.RawEvent]) -> None:
+        self._raw.put_nowait(events)
 
     async def _run(self) -> None:
         try:
@@ -236,7 +244,7 @@ class DirWatcher:
         for wd, path in list(self._paths.items()):
             if path == rel or path.startswith(prefix):
                 del self._paths[wd]
-                self._inotify.rm_watch(wd)
+                self._hub.remove(self, wd)
 
     # -- worker thread side (acting as the user) -------------------------------------------
 
@@ -250,7 +258,7 @@ class DirWatcher:
             current = stack.pop()
             path = os.path.join(self.root, current) if current else self.root
             try:
-                added.watches.append((self._inotify.add_watch(path), current))
+                added.watches.append((self._hub.add(self, path), current))
             except OSError as err:
                 if err.errno == errno.ENOSPC:
                     raise ResourceExhausted(

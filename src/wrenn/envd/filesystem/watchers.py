@@ -8,7 +8,7 @@ import secrets
 
 from wrenn.core.errors import NotFound
 from wrenn.envd.defaults import Defaults
-from wrenn.envd.filesystem import paths
+from wrenn.envd.filesystem import inotify, paths
 from wrenn.envd.filesystem.watcher import DirWatcher
 from wrenn.envd.users import User
 from wrenn.gen.filesystem.filesystem_pb import (
@@ -22,7 +22,8 @@ from wrenn.gen.filesystem.filesystem_pb import (
 
 
 class Watchers:
-    def __init__(self) -> None:
+    def __init__(self, hub: inotify.Hub) -> None:
+        self._hub = hub
         self._open: dict[str, DirWatcher] = {}
 
     async def create(
@@ -30,6 +31,7 @@ class Watchers:
     ) -> CreateWatcherResponse:
         path = paths.resolve(request.path, user, defaults.workdir)
         watcher = await DirWatcher.open(
+            self._hub,
             path,
             user,
             recursive=request.recursive,
