@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -20,23 +19,16 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import machine, table
+from wrenn import log
 from wrenn.agent.snapshots import DeviceInput, LocalSnapshotStore, Reader
 from wrenn.agent.snapshots.diff import find_dirty_blocks, write_diff
 from wrenn.agent.uffd import UffdServer
 
 HARNESS = Path(__file__).resolve().parents[1] / "tests/integration/agent/uffd_harness.py"
 PAGE = 4096
-
-
-def machine() -> str:
-    model = "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    kernel, python = platform.release(), platform.python_version()
-    return f"{model}, {os.cpu_count()} CPUs, Linux {kernel}, Python {python}"
 
 
 def memory(size: int, seed: int) -> bytearray:
@@ -81,12 +73,9 @@ async def serve_once(
     )
     assert proc.stdout is not None and proc.stdin is not None
     try:
-        prefetch_s = 0.0
         if prefetch:
             await proc.stdout.readline()
-            start = time.perf_counter()
             await server.wait_prefetched()
-            prefetch_s = time.perf_counter() - start
             proc.stdin.write(b"go\n")
             await proc.stdin.drain()
         result = json.loads(await proc.stdout.readline())
@@ -96,7 +85,6 @@ async def serve_once(
         return {
             "result": result,
             "stats": server.stats,
-            "prefetch_s": prefetch_s,
             "touched": server.touched_offsets(),
         }
     finally:
@@ -106,25 +94,11 @@ async def serve_once(
         await server.stop()
 
 
-def row(cells: list[str], widths: list[int]) -> str:
-    return "  ".join(
-        c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-    )
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    print(f"\n{title}")
-    print(row(header, widths))
-    print(row(["-" * w for w in widths], widths))
-    for r in rows:
-        print(row(r, widths))
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=256)
     size = parser.parse_args().size_mib << 20
+    log.configure("warning")
     mib = size / (1 << 20)
     print(f"machine: {machine()}")
     print(f"guest memory: {mib:.0f} MiB, two layers, 1/8 zero pages")
@@ -177,16 +151,19 @@ async def main() -> None:
                 "-",
                 "-",
                 "-",
-                f"{mib / out['prefetch_s']:,.0f}",
-                f"{out['prefetch_s']:.2f}",
+                f"{mib / s.prefetch_s:,.0f}",
+                f"{s.prefetch_s:.2f}",
             ]
             rows.append(prefetch_row)
         finally:
             reader.close()
-        table(
-            "page server: guest reads all its memory once",
-            ["scenario", "faults", "wake-ups", "max batch", "faults/s", "MiB/s", "seconds"],
-            rows,
+        print()
+        print(
+            table(
+                "page server: guest reads all its memory once",
+                ["scenario", "faults", "wake-ups", "max batch", "faults/s", "MiB/s", "seconds"],
+                rows,
+            )
         )
 
         # Diffs over the latest build, whose contents are exactly ``src``.
@@ -233,10 +210,13 @@ async def main() -> None:
                 f"{full_s:.3f}",
             ]
         )
-        table(
-            "snapshot diff helpers (page cache warm)",
-            ["case", "dirty pages", "compare MiB/s", "compare s", "write pages/s", "write s"],
-            diff_rows,
+        print()
+        print(
+            table(
+                "snapshot diff helpers (page cache warm)",
+                ["case", "dirty pages", "compare MiB/s", "compare s", "write pages/s", "write s"],
+                diff_rows,
+            )
         )
 
 

@@ -18,6 +18,7 @@ import ctypes
 import errno
 import os
 import select
+import time
 from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,11 @@ MISSING, PRESENT, REMOVED = 0, 1, 2
 PREFETCH_STEP_PAGES = 256
 #: How long to wait before retrying after EAGAIN (the kernel is queueing an event), ms.
 RETRY_WAIT_MS = 1
+#: Inside a multi-piece run, zero stretches at least this long are mapped to the zero page;
+#: shorter ones are copied as zeros together with their neighbours (fewer ioctls).
+ZERO_RUN_BYTES = 64 * 1024
+#: Size of the buffer multi-piece runs are assembled in.
+BOUNCE_BYTES = 1 << 20
 
 
 class PageSource(Protocol):
@@ -48,10 +54,6 @@ class PageSource(Protocol):
     def extents(self, offset: int, length: int) -> Iterable[tuple[int, int, int | None]]:
         """``(offset, length, address)`` pieces covering the range in order; address is where
         the bytes are in this process, or None for zeros. Valid until the source is closed."""
-        ...
-
-    def read(self, offset: int, length: int) -> bytes:
-        """A copy of the range (used when a page straddles pieces)."""
         ...
 
 
@@ -77,6 +79,8 @@ class UffdStats:
     #: Calls answered EAGAIN (retried after reading events) and pages found already present.
     eagain: int = 0
     eexist: int = 0
+    #: Seconds from the start of serving until the prefetch list was done.
+    prefetch_s: float = 0.0
 
     def copy(self) -> UffdStats:
         return UffdStats(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -146,6 +150,7 @@ class Pager:
         self._pidfd = pidfd
         self._prefetching = False
         self._prefetch_stalled = False
+        self._started = time.monotonic()
         self._max_events = max(1, max_events)
         self._readahead = max(0, readahead_pages)
         self._on_prefetched = on_prefetched
@@ -154,6 +159,7 @@ class Pager:
         self._zero_page = {
             r.page_size: (ctypes.c_char * r.page_size)() for r in self._regions if not r.zeropage_ok
         }
+        self._bounce: ctypes.Array[ctypes.c_char] | None = None
         self.stats = UffdStats()
         #: Device offsets of pages in the order the guest first faulted on them.
         self.touched: list[int] = []
@@ -162,6 +168,7 @@ class Pager:
 
     def run(self) -> str:
         """Serve until stopped (returns "stopped") or the VM is gone (returns "vm_gone")."""
+        self._started = time.monotonic()
         poller = select.poll()
         poller.register(self.fd, select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
@@ -315,30 +322,65 @@ class Pager:
         self.touched.extend(region.offset + p * region.page_size for p in range(first, stop))
 
     def _copy_missing(self, region: _Region, first: int, stop: int) -> None:
+        """Fill never-populated pages ``[first, stop)`` from the source. One piece: one ioctl
+        straight from it. Several (layer boundaries, zero blocks): aligned zero stretches of
+        at least ``ZERO_RUN_BYTES`` get UFFDIO_ZEROPAGE, and what lies between them is
+        assembled in a buffer and copied with one UFFDIO_COPY per buffer-full, which also
+        covers pages that straddle pieces (pages larger than blocks)."""
         ps = region.page_size
-        position = region.offset + first * ps
+        start = region.offset + first * ps
         end = region.offset + stop * ps
-        for offset, length, address in self._source.extents(position, end - position):
-            extent_end = offset + length
-            if extent_end <= position:
-                continue
-            aligned_end = extent_end - extent_end % ps
-            if aligned_end > position:
-                src = None if address is None else address + (position - offset)
-                self._populate(region, position, aligned_end, src)
-                position = aligned_end
-            if extent_end % ps and position < end:
-                # A page straddling pieces (pages larger than blocks): copy it assembled.
-                data = self._source.read(position, ps)
-                buffer = (ctypes.c_char * ps).from_buffer_copy(data)
-                self._populate(
-                    region,
-                    position,
-                    position + ps,
-                    ctypes.addressof(buffer),
-                    zero=data.count(0) == ps,
-                )
-                position += ps
+        pieces = list(self._source.extents(start, end - start))
+        if len(pieces) == 1:
+            self._populate(region, start, end, pieces[0][2])
+            return
+        zero_run = max(ZERO_RUN_BYTES, ps)
+        pending = start
+        for offset, length, address in pieces:
+            if address is None and length >= zero_run:
+                lo = -(-offset // ps) * ps
+                hi = (offset + length) // ps * ps
+                if hi > lo:
+                    self._assemble(region, pieces, pending, lo)
+                    self._populate(region, lo, hi, None)
+                    pending = hi
+        self._assemble(region, pieces, pending, end)
+
+    def _assemble(
+        self, region: _Region, pieces: list[tuple[int, int, int | None]], start: int, end: int
+    ) -> None:
+        """Copy device range ``[start, end)`` (page-aligned) built from ``pieces``."""
+        if start >= end:
+            return
+        covering = [p for p in pieces if p[0] < end and p[0] + p[1] > start]
+        if len(covering) == 1:
+            offset, _, address = covering[0]
+            self._populate(
+                region, start, end, None if address is None else address + start - offset
+            )
+            return
+        bounce = self._bounce_buffer(region.page_size)
+        base = ctypes.addressof(bounce)
+        size = len(bounce)
+        for chunk in range(start, end, size):
+            chunk_end = min(chunk + size, end)
+            zero = True
+            for offset, length, address in covering:
+                lo, hi = max(offset, chunk), min(offset + length, chunk_end)
+                if lo >= hi:
+                    continue
+                if address is None:
+                    ctypes.memset(base + lo - chunk, 0, hi - lo)
+                else:
+                    ctypes.memmove(base + lo - chunk, address + lo - offset, hi - lo)
+                    zero = False
+            self._populate(region, chunk, chunk_end, base, zero=zero)
+
+    def _bounce_buffer(self, page_size: int) -> ctypes.Array[ctypes.c_char]:
+        size = max(BOUNCE_BYTES, page_size)
+        if self._bounce is None or len(self._bounce) < size:
+            self._bounce = (ctypes.c_char * size)()
+        return self._bounce
 
     def _zero(self, region: _Region, first: int, stop: int) -> None:
         ps = region.page_size
@@ -455,6 +497,7 @@ class Pager:
             self._prefetch_done()
 
     def _prefetch_done(self) -> None:
+        self.stats.prefetch_s = time.monotonic() - self._started
         if self._on_prefetched is not None:
             self._on_prefetched()
             self._on_prefetched = None
