@@ -9,9 +9,9 @@ host put there: ``instanceID`` (sandbox id), ``envID`` (template id), ``teamID``
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
-import httpx
 import structlog
 
 from wrenn import log
@@ -34,29 +34,65 @@ class MmdsError(Exception):
     """No MMDS at the address, or it did not answer as Firecracker's MMDS does."""
 
 
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, 80
+    if not port.isdigit() or not host:
+        raise MmdsError(f"invalid MMDS address {address!r}")
+    return host.strip("[]"), int(port)
+
+
+async def _request(
+    host: str, port: int, method: str, path: str, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on its own connection. MMDS is a link-local endpoint answered by
+    the VMM; a minimal client keeps an HTTP library out of envd's memory."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError as exc:
+        raise MmdsError(f"MMDS unreachable: {exc}") from exc
+    try:
+        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
+        lines += [f"{k}: {v}" for k, v in headers.items()]
+        if method == "PUT":
+            lines.append("Content-Length: 0")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        parts = status_line.split(" ", 2)
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise MmdsError(f"MMDS answered a malformed status line {status_line!r}")
+        length = None
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        body = await (reader.readexactly(length) if length is not None else reader.read())
+        return int(parts[1]), body
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        raise MmdsError(f"MMDS request failed: {exc!r}") from exc
+    finally:
+        writer.close()
+
+
 async def fetch(address: str) -> dict[str, Any]:
     """The metadata document at ``address``, without a deadline (callers set one)."""
+    host, port = _split_address(address)
+    status, body = await _request(
+        host, port, "PUT", "/latest/api/token", {"X-metadata-token-ttl-seconds": str(TOKEN_TTL_S)}
+    )
+    token = body.decode(errors="replace").strip()
+    if status != 200 or not token:
+        raise MmdsError(f"MMDS token request answered {status}")
+    status, body = await _request(
+        host, port, "GET", "/", {"X-metadata-token": token, "Accept": "application/json"}
+    )
+    if status != 200:
+        raise MmdsError(f"MMDS metadata request answered {status}")
     try:
-        base_url = httpx.URL(f"http://{address}")
-    except httpx.InvalidURL as exc:
-        raise MmdsError(f"invalid MMDS address {address!r}") from exc
-    async with httpx.AsyncClient(base_url=base_url, trust_env=False) as client:
-        try:
-            response = await client.put(
-                "/latest/api/token", headers={"X-metadata-token-ttl-seconds": str(TOKEN_TTL_S)}
-            )
-            token = response.text.strip()
-            if response.status_code != 200 or not token:
-                raise MmdsError(f"MMDS token request answered {response.status_code}")
-            response = await client.get(
-                "/", headers={"X-metadata-token": token, "Accept": "application/json"}
-            )
-        except httpx.HTTPError as exc:
-            raise MmdsError(f"MMDS request failed: {exc!r}") from exc
-    if response.status_code != 200:
-        raise MmdsError(f"MMDS metadata request answered {response.status_code}")
-    try:
-        metadata = response.json()
+        metadata = json.loads(body)
     except ValueError as exc:
         raise MmdsError("MMDS metadata is not JSON") from exc
     if not isinstance(metadata, dict):
