@@ -174,8 +174,8 @@ def _envelopes(data: bytes) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 class VmFactory:
-    """Builds QEMU guests of the base image and removes all of them (and their namespaces)
-    at teardown."""
+    """Builds QEMU guests of the base image. Teardown stops all of them, deletes their
+    namespaces and empties the test's directory (disks, run directories, snapshots)."""
 
     def __init__(self, image: GuestImage, workdir: Path) -> None:
         self.image = image
@@ -201,6 +201,7 @@ class VmFactory:
         memory_mib: int = 512,
         rootfs: Path | None = None,
         kernel_args: str | None = None,
+        kernel: Path | None = None,
         name: str | None = None,
     ) -> QemuVmm:
         vm_id = name or f"vm{len(self.vms)}"
@@ -209,7 +210,7 @@ class VmFactory:
             vm_id=vm_id,
             vcpus=1,
             memory_mib=memory_mib,
-            kernel=self.image.kernel,
+            kernel=kernel or self.image.kernel,
             initrd=self.image.initrd,
             rootfs=rootfs or self.disk(vm_id),
             run_dir=self.workdir / vm_id,
@@ -238,10 +239,12 @@ class VmFactory:
             await vm.stop()
         for ns in self.netns:
             ns.close()
-        for vm in self.vms:
-            shutil.rmtree(vm.config.run_dir, ignore_errors=True)
-        for disk in self.workdir.glob("*.ext4"):
-            disk.unlink()
+        # Disks, run directories and snapshots: everything the test put in its directory.
+        for path in self.workdir.iterdir():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 @pytest.fixture

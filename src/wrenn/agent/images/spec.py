@@ -25,6 +25,8 @@ BASE_PACKAGES: tuple[str, ...] = (
     "kmod",
     "procps",
     "netbase",
+    # initramfs-tools compresses the initrd with zstd when it is installed, else gzip.
+    "zstd",
 )
 
 #: Modules the initrd must carry to find and mount the root disk on a virtio-mmio bus.
