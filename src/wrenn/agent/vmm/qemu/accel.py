@@ -19,7 +19,7 @@ from pathlib import Path
 from wrenn.agent.vmm.qemu.args import Accel
 
 #: A kernel under KVM reaches the root-mount panic in well under a second; this is generous.
-PROBE_TIMEOUT_S = 20.0
+PROBE_TIMEOUT_S = 10.0
 #: Lines a kernel prints once it has got as far as looking for its root filesystem.
 _BOOTED_MARKERS = ("VFS: Unable to mount root", "Kernel panic", "Run /init", "No working init")
 
