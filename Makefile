@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-packages
 # Debian packages the platform and its tests use.
-APT_PACKAGES := iproute2 procps psmisc socat util-linux postgresql nftables xfsprogs mount e2fsprogs
+APT_PACKAGES := iproute2 procps psmisc socat util-linux postgresql nftables xfsprogs mount e2fsprogs debootstrap qemu-system-x86
 
 .PHONY: run test lint fmt proto proto-check bench venv system clean
 
