@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wrenn import log
 from wrenn.core.errors import HTTP_STATUS, Code, WrennError
@@ -88,8 +89,29 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(_body(Code.INTERNAL, "internal error"), status_code=500)
 
 
+class RejectNul:
+    """NUL is valid in no path segment or query value (and PostgreSQL text refuses it), so a
+    request carrying one is refused here, before any handler sees it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query: bytes = scope.get("query_string", b"")
+            if "\x00" in scope.get("path", "") or b"%00" in query or b"\x00" in query:
+                response = JSONResponse(
+                    _body(Code.INVALID_ARGUMENT, "NUL characters are not allowed in URLs"),
+                    status_code=HTTP_STATUS[Code.INVALID_ARGUMENT],
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(WrennError, _wrenn_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+    app.add_middleware(RejectNul)

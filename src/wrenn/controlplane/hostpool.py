@@ -7,9 +7,11 @@ them like any other error.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from wrenn import log
@@ -35,6 +37,10 @@ class AgentClient:
         try:
             return await call()
         except ConnectError as err:
+            task = asyncio.current_task()
+            if err.code is Code.CANCELED and task is not None and task.cancelling():
+                # The client library turns our own cancellation into an error; undo that.
+                raise asyncio.CancelledError from err
             mapped = from_code(err.code.value, f"host {self.host_id}: {err.message}")
             _log.info("agent.error", host_id=self.host_id, rpc=rpc, code=err.code.value)
             raise mapped from err

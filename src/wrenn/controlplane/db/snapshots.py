@@ -82,7 +82,7 @@ class SnapshotRepository:
         if sandbox_id is not None:
             conditions.append(SnapshotRow.sandbox_id == sandbox_id)
         if name is not None:
-            conditions.append(SnapshotRow.name == name)
+            conditions.append(or_(SnapshotRow.name == name, SnapshotRow.id == name))
         if next_token:
             at, last_id = decode_cursor(next_token)
             conditions.append(

@@ -192,8 +192,6 @@ async def list_sandboxes(
     """Running and paused sandboxes, newest first by default; ``x-next-token`` when more."""
     if started_after is not None and started_after.tzinfo is None:
         started_after = started_after.replace(tzinfo=UTC)
-    if template is not None and "\x00" in template:
-        raise InvalidArgument("template: must not contain NUL characters")
     page = await cp.sandboxes.page(
         SandboxQuery(
             team_id=who.team.id,
@@ -359,9 +357,6 @@ async def list_snapshots(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     next_token: Annotated[str | None, Query(alias="nextToken", max_length=512)] = None,
 ) -> list[e2b.SnapshotInfo]:
-    for label, value in (("sandboxID", sandbox_id), ("name", name)):
-        if value is not None and "\x00" in value:
-            raise InvalidArgument(f"{label}: must not contain NUL characters")
     async with cp.db.transaction() as tx:
         page = await tx.snapshots.page(
             who.team.id, sandbox_id=sandbox_id, name=name, limit=limit, next_token=next_token

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query, Response
 from wrenn.controlplane.auth import CP, Team
 from wrenn.controlplane.db.records import Snapshot
 from wrenn.controlplane.schemas import wrenn as api
-from wrenn.core.errors import InvalidArgument
 
 router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"])
 
@@ -44,9 +43,6 @@ async def list_snapshots(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     next_token: Annotated[str | None, Query(alias="nextToken", max_length=512)] = None,
 ) -> list[api.SnapshotOut]:
-    for label, value in (("sandboxID", sandbox_id), ("name", name)):
-        if value is not None and "\x00" in value:
-            raise InvalidArgument(f"{label}: must not contain NUL characters")
     async with cp.db.transaction() as tx:
         page = await tx.snapshots.page(
             who.team.id, sandbox_id=sandbox_id, name=name, limit=limit, next_token=next_token

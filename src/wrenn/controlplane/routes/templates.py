@@ -59,8 +59,6 @@ async def list_templates(
 
 
 async def _get(cp: CP, team_id: str, template_id: str) -> Template:
-    if "\x00" in template_id:
-        raise NotFound("template not found")
     async with cp.db.transaction() as tx:
         template = await tx.templates.get(template_id, team_id)
     if template is None:
@@ -87,12 +85,11 @@ async def get_template(template_id: str, cp: CP, who: Team) -> e2b.TemplateWithB
 @router.delete("/templates/{template_id:path}", status_code=204)
 async def delete_template(template_id: str, cp: CP, who: Team) -> Response:
     """A snapshot of the caller's team, or a template it owns (public ones: admin teams)."""
-    if "\x00" not in template_id:
-        async with cp.db.transaction() as tx:
-            snapshot = await tx.snapshots.find(who.team.id, template_id)
-        if snapshot is not None:
-            await cp.sandboxes.delete_snapshot(who.team.id, snapshot.id)
-            return Response(status_code=204)
+    async with cp.db.transaction() as tx:
+        snapshot = await tx.snapshots.find(who.team.id, template_id)
+    if snapshot is not None:
+        await cp.sandboxes.delete_snapshot(who.team.id, snapshot.id)
+        return Response(status_code=204)
     t = await _get(cp, who.team.id, template_id)
     if t.team_id != who.team.id and not who.team.is_admin:
         raise PermissionDenied(f"template {t.id!r} is not your team's")
