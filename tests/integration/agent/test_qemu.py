@@ -38,6 +38,7 @@ async def test_boot_run_pause_snapshot_restore_elsewhere(vms: VmFactory, tmp_pat
     vm = vms.vm(ns=first_ns, name="source")
     await vm.boot()
     assert vm.state is VmState.RUNNING and vm.pid is not None
+    assert int(vm.pid_file.read_text()) == vm.pid
     envd = vms.client(first_ns)
     await vms.wait_envd(vm, envd)
 
@@ -66,7 +67,7 @@ async def test_boot_run_pause_snapshot_restore_elsewhere(vms: VmFactory, tmp_pat
     disk = vm.config.rootfs
     await vm.stop()
     assert vm.state is VmState.STOPPED and vm.pid is None
-    assert not vm.qmp_socket.exists()
+    assert not vm.qmp_socket.exists() and not vm.pid_file.exists()
     await vm.stop()  # idempotent
 
     second_ns = vms.network()
@@ -142,7 +143,7 @@ async def test_qemu_that_cannot_start_fails_with_its_log_and_leaves_nothing(
 
 
 async def test_guest_panic_during_boot_is_reported_with_the_console(vms: VmFactory) -> None:
-    vm = vms.vm(name="panics", kernel_args="root=/dev/wrenn-none rootwait=0 panic=-1")
+    vm = vms.vm(name="panics", kernel_args="rdinit=/wrenn-none root=/dev/wrenn-none")
     await vm.boot()
 
     async def never() -> bool:
@@ -150,4 +151,6 @@ async def test_guest_panic_during_boot_is_reported_with_the_console(vms: VmFacto
 
     with pytest.raises(GuestFailed) as failure:
         await vm.wait_until(never, timeout_s=120, what="a guest that panics")
-    assert "Kernel panic" in failure.value.message or "panic" in failure.value.message
+    assert "QEMU exited" in failure.value.message
+    console = failure.value.message.partition("--- serial console ---\n")[2]
+    assert "Kernel panic" in console

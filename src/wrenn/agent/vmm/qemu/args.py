@@ -41,7 +41,9 @@ def host_tsc_khz() -> int | None:
 def kernel_args(config: VmConfig, accel: Accel, tsc_khz: int | None) -> str:
     """The guest kernel command line: the driver's own arguments, then the caller's, then
     ``config.metadata`` as ``wrenn.meta.<key>=<value>``."""
-    args = ["console=ttyS0", "panic=-1"]
+    # A panic reboots at once, and a reboot is a triple fault (microvm has no reset
+    # controller the kernel would try first), which -no-reboot turns into QEMU exiting.
+    args = ["console=ttyS0", "panic=-1", "reboot=t"]
     if accel == "tcg" and tsc_khz:
         args.append(f"tsc_early_khz={tsc_khz}")
     if config.kernel_args:
@@ -61,6 +63,7 @@ class Launch:
     accel: Accel
     qmp_socket: Path
     console_log: Path
+    pid_file: Path
     memory_file: Path
     #: True: guest RAM is the file itself (MAP_SHARED), so a snapshot's memory is that file.
     #: False: the file is mapped copy-on-write (MAP_PRIVATE) and never written.
@@ -99,6 +102,8 @@ def argv(qemu_bin: str, config: VmConfig, launch: Launch) -> list[str]:
         "chardev:console",
         "-qmp",
         f"unix:{launch.qmp_socket},server=on,wait=off",
+        "-pidfile",
+        str(launch.pid_file),
         "-kernel",
         str(config.kernel),
         "-append",

@@ -93,6 +93,11 @@ class QemuVmm:
         return self.config.run_dir / "qemu.log"
 
     @property
+    def pid_file(self) -> Path:
+        """QEMU's PID, for finding guests left running by an agent that died."""
+        return self.config.run_dir / "qemu.pid"
+
+    @property
     def ram_file(self) -> Path:
         """Guest RAM of a booted guest."""
         return self.config.run_dir / "memory"
@@ -211,6 +216,7 @@ class QemuVmm:
         if qmp is not None:
             qmp.close()
         self.qmp_socket.unlink(missing_ok=True)
+        self.pid_file.unlink(missing_ok=True)
         self.ram_file.unlink(missing_ok=True)
 
     async def metrics(self) -> VmMetrics:
@@ -262,6 +268,7 @@ class QemuVmm:
             accel=self.accel,
             qmp_socket=self.qmp_socket,
             console_log=self.console_log,
+            pid_file=self.pid_file,
             memory_file=self._memory_file,
             share_memory=self._share_memory,
             incoming=incoming,
