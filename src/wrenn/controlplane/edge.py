@@ -5,13 +5,15 @@ shape; anything unexpected is a logged 500 with no detail."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
+import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wrenn import log
 from wrenn.core.errors import HTTP_STATUS, Code, WrennError
@@ -109,9 +111,35 @@ class RejectNul:
         await self.app(scope, receive, send)
 
 
+class RequestId:
+    """Binds ``request_id`` (the client's ``X-Request-Id`` or a fresh one) to every log line of
+    the request and returns it in the response's ``X-Request-Id``."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope.get("headers", [])).get(b"x-request-id", b"")
+        request_id = given.decode("latin-1")[:64] if given else uuid.uuid4().hex
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self.app(scope, receive, send_with_id)
+
+
 def install(app: FastAPI) -> None:
     app.add_exception_handler(WrennError, _wrenn_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.add_middleware(RejectNul)
+    app.add_middleware(RequestId)
