@@ -205,7 +205,8 @@ def test_unreachable_host_is_unavailable(stack: Stack) -> None:
 
 def test_snapshots(stack: Stack) -> None:
     c = stack.admin
-    other = stack.add_host(FakeHostAgent(memory_mib=64 * 1024))  # roomier: new sandboxes go here
+    # Roomier in every resource, so new sandboxes go there.
+    other = stack.add_host(FakeHostAgent(vcpus=64, memory_mib=64 * 1024))
     sid = create(c).sandbox_id
     source = stack.host_of(sid)
     assert source is other
