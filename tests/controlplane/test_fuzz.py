@@ -58,7 +58,10 @@ values = st.recursive(
 bodies = st.dictionaries(st.sampled_from(FIELDS) | text, values, max_size=6) | values
 
 FUZZ = settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=40,
+    deadline=None,
+    database=None,  # leave no example files behind
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
