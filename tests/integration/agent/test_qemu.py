@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.agent.conftest import VmFactory
+from tests.integration.agent.conftest import EnvdOverUnix, VmFactory
 from wrenn.agent.images import GuestImage
 from wrenn.agent.vmm.base import SnapshotFiles, VmState
-from wrenn.agent.vmm.qemu import GuestFailed, probe_accel
-from wrenn.core.errors import FailedPrecondition
+from wrenn.agent.vmm.qemu import GuestFailed, QemuVmm, probe_accel
+from wrenn.core.errors import FailedPrecondition, InvalidArgument
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -154,3 +154,51 @@ async def test_guest_panic_during_boot_is_reported_with_the_console(vms: VmFacto
     assert "QEMU exited" in failure.value.message
     console = failure.value.message.partition("--- serial console ---\n")[2]
     assert "Kernel panic" in console
+
+
+@pytest.fixture(params=["booted", "restored"])
+async def guest(
+    request: pytest.FixtureRequest, vms: VmFactory, tmp_path: Path
+) -> tuple[QemuVmm, EnvdOverUnix]:
+    """A running guest with a healthy envd: freshly booted, or restored from a snapshot of
+    one into another namespace, so the same test runs on both."""
+    ns = vms.network()
+    vm = vms.vm(ns=ns, name="booted")
+    await vm.boot()
+    envd = vms.client(ns)
+    await vms.wait_envd(vm, envd)
+    if request.param == "booted":
+        return vm, envd
+    await vm.pause()
+    snapshot = await vm.snapshot(tmp_path / "snapshot")
+    disk = vm.config.rootfs
+    await vm.stop()
+    other = vms.network()
+    restored = vms.vm(ns=other, name="restored", rootfs=disk)
+    await restored.restore(snapshot)
+    envd = vms.client(other)
+    await vms.wait_envd(restored, envd)
+    return restored, envd
+
+
+async def test_guest_runs_commands_as_user_and_pauses(guest: tuple[QemuVmm, EnvdOverUnix]) -> None:
+    vm, envd = guest
+    assert await envd.run("sudo -n id -u; id -un; test -w /tmp && echo w") == (0, "0\nuser\nw\n")
+    await vm.pause()
+    assert vm.state is VmState.PAUSED
+    await vm.resume()
+    assert await envd.run("exit 3") == (3, "")
+    assert (await vm.metrics()).rss_bytes > 0
+
+
+async def test_restore_refuses_a_snapshot_of_another_memory_size(
+    vms: VmFactory, tmp_path: Path
+) -> None:
+    memfile, state = tmp_path / "memfile", tmp_path / "state"
+    with memfile.open("wb") as f:
+        f.truncate(256 << 20)
+    state.write_bytes(b"")
+    vm = vms.vm(name="mismatch", memory_mib=512)
+    with pytest.raises(InvalidArgument):
+        await vm.restore(SnapshotFiles(memfile=memfile, state=state))
+    assert vm.state is VmState.CREATED and vm.pid is None
