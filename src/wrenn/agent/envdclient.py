@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -100,8 +101,12 @@ class EnvdClient:
         default_user: str | None = None,
         default_workdir: str | None = None,
     ) -> None:
-        """POST /init. After it, the new token (if any) authenticates every later call."""
-        body: dict[str, Any] = {"envVars": env_vars or {}}
+        """POST /init. After it, the new token (if any) authenticates every later call. The
+        host's time goes along: guests without a PTP clock step theirs to it."""
+        body: dict[str, Any] = {
+            "envVars": env_vars or {},
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
         if access_token:
             body["accessToken"] = access_token
         if default_user:

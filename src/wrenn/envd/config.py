@@ -28,6 +28,8 @@ class EnvdSettings(BaseSettings):
     #: Address loopback-only listeners are forwarded to. Unset: the address of the interface
     #: holding the default route; empty: forwarding off.
     port_forward_address: str | None = None
+    #: Step the clock to /init's ``timestamp`` (guests without a PTP clock to run chronyd on).
+    clock_from_init: bool = False
     #: Firecracker's MMDS, as ``host`` or ``host:port``.
     mmds_address: str = "169.254.169.254"
     mmds_timeout_s: float = 0.3

@@ -1,8 +1,9 @@
 """``POST /init`` and ``GET /envs``.
 
 /init configures the sandbox (E2B field names: ``envVars``, ``accessToken``, ``defaultUser``,
-``defaultWorkdir``; ``timestamp`` is accepted and ignored because chronyd keeps the clock;
-unknown fields are tolerated). It is idempotent: env vars are merged, the other fields replace
+``defaultWorkdir``, ``timestamp``; unknown fields are tolerated). ``timestamp`` steps the
+clock only where the ``clock_from_init`` setting asks for it (guests without a PTP clock; see
+``clock``). It is idempotent: env vars are merged, the other fields replace
 what was set, and absent or empty fields leave it unchanged. Nothing changes unless the whole
 request is valid.
 
@@ -25,7 +26,7 @@ from starlette.responses import JSONResponse, Response
 
 from wrenn import log
 from wrenn.core.errors import InvalidArgument
-from wrenn.envd import conntrack, mmds, users
+from wrenn.envd import clock, conntrack, mmds, users
 
 if TYPE_CHECKING:
     from wrenn.envd.app import Envd
@@ -73,7 +74,10 @@ def validate(req: InitRequest) -> users.User | None:
 
 
 async def configure(envd: Envd, req: InitRequest) -> None:
+    host_ns = clock.parse_timestamp(req.timestamp) if req.timestamp is not None else None
     user = await asyncio.to_thread(validate, req)
+    if host_ns is not None and envd.settings.clock_from_init:
+        clock.step_to(host_ns)
     defaults = envd.defaults
     if req.env_vars:
         defaults.env_vars.update(req.env_vars)
