@@ -1,0 +1,194 @@
+"""``wrenn sandbox exec`` and ``shell`` through the e2b SDK against a real envd process.
+
+The control plane's sandbox proxy does not exist yet, so the sandbox is created on a
+FakeHostAgent TEST DOUBLE (the control plane still answers /connect with the sandbox's
+envd access token) and ``--sandbox-url`` points the SDK's envd traffic at a real envd —
+the way the proxy's URL will be given. The fake agent reports envd 0.3.0, for which the SDK
+asks for user ``user``; the tests name ``root`` (envd runs as root here)."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cli.conftest import Cli
+from tests.conftest import EnvdProcess
+
+
+@pytest.fixture
+def sandbox_id(cli: Cli) -> Iterator[str]:
+    made = cli("sandbox", "create")
+    assert made.exit_code == 0, made.output
+    yield made.stdout.strip()
+    cli("sandbox", "kill", made.stdout.strip())
+
+
+def test_exec_streams_output_and_exit_code(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> None:
+    base = ("--sandbox-url", envd.url, "sandbox", "exec")
+    ok = cli(*base, "--user", "root", sandbox_id, "--", "echo", "hello world", "$HOME")
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout == "hello world $HOME\n"  # several arguments are quoted, not expanded
+
+    line = cli(*base, "-u", "root", "-e", "WHO=cli", sandbox_id, "echo $WHO; echo oops >&2")
+    assert line.exit_code == 0, line.output
+    assert line.stdout == "cli\n"
+    assert line.stderr == "oops\n"
+
+    in_dir = cli(*base, "-u", "root", "--cwd", "/tmp", sandbox_id, "pwd")
+    assert in_dir.stdout == "/tmp\n"
+
+    failed = cli(*base, "-u", "root", sandbox_id, "--", "sh", "-c", "echo partial; exit 7")
+    assert failed.exit_code == 7
+    assert failed.stdout == "partial\n"
+
+
+def test_exec_errors(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> None:
+    unknown = cli("--sandbox-url", envd.url, "sandbox", "exec", "nosuchsandbox", "--", "true")
+    assert unknown.exit_code == 1
+    assert "not found" in unknown.stderr
+    # Without a sandbox URL and with no domain from the control plane, say what is missing.
+    no_route = cli("sandbox", "exec", sandbox_id, "--", "true")
+    assert no_route.exit_code == 1
+    assert "--sandbox-url" in no_route.stderr
+    assert "Traceback" not in no_route.output
+    # A shell needs a terminal.
+    no_tty = cli("--sandbox-url", envd.url, "sandbox", "shell", sandbox_id)
+    assert no_tty.exit_code == 1
+    assert "needs a terminal" in no_tty.stderr
+
+
+class Terminal:
+    """``wrenn sandbox shell`` in a child process whose controlling terminal is a real
+    pseudo-terminal; the test types into the master side and reads what the CLI prints."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], rows: int, cols: int) -> None:
+        self.master, self.slave = os.openpty()
+        self.resize(rows, cols)
+        self.before = termios.tcgetattr(self.slave)
+        self.seen = b""
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=self.slave,
+            stdout=self.slave,
+            stderr=self.slave,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_take_controlling_terminal,
+        )
+
+    def resize(self, rows: int, cols: int) -> None:
+        # On the slave: the kernel sends SIGWINCH to the terminal's foreground process group.
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def read_until(self, marker: bytes, timeout_s: float = 60.0) -> bytes:
+        """Output up to and including ``marker`` (a bound on waiting, not a speed check)."""
+        deadline = time.monotonic() + timeout_s
+        while marker not in self.seen:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"never saw {marker!r}; got {self.seen[-2000:]!r}")
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    raise AssertionError(f"terminal closed before {marker!r}: {self.seen!r}")
+                self.seen += chunk
+        before, _, self.seen = self.seen.partition(marker)
+        return before + marker
+
+    def run(self, command: str, tag: str) -> str:
+        """``command``'s output between markers the remote shell computes (so the echo of the
+        typed line never matches them)."""
+        self.type(f'echo "<{tag}$((1))>"; {command}; echo "</{tag}$((1))>"\r')
+        self.read_until(f"<{tag}1>".encode())
+        out = self.read_until(f"</{tag}1>".encode())
+        return out.decode(errors="replace").rsplit(f"</{tag}1>", 1)[0].strip()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def _take_controlling_terminal() -> None:
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@contextlib.contextmanager
+def terminal(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> Iterator[Terminal]:
+    argv = [sys.executable, "-m", "wrenn.cli", "sandbox", "shell", "--user", "root", sandbox_id]
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "TERM": "xterm",
+        "WRENN_API_URL": cli.api_url,
+        "WRENN_API_KEY": cli.api_key or "",
+        "WRENN_SANDBOX_URL": envd.url,
+        "WRENN_CONFIG": str(cli.config),
+    }
+    term = Terminal(argv, env, rows=24, cols=80)
+    try:
+        yield term
+    finally:
+        term.close()
+
+
+def test_shell_is_an_interactive_terminal(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> None:
+    with terminal(cli, envd, sandbox_id) as term:
+        term.type('echo "<$((6*7))>"\r')
+        term.read_until(b"<42>")
+        assert term.run("tty >/dev/null && echo yes", "t") == "yes"
+        assert term.run("stty size", "a") == "24 80"
+
+        # A resize of the local terminal reaches the sandbox's PTY (SIGWINCH).
+        term.resize(40, 120)
+        assert term.run("stty size", "b") == "40 120"
+
+        # Raw mode: Ctrl-C is a byte for the sandbox, not a signal for the CLI.
+        term.type('echo "<s$((1))>"; sleep 300\r')
+        term.read_until(b"<s1>")  # the shell is running the line, not reading one
+        term.type("\x03")
+        term.read_until(b"^C")  # the sandbox's terminal echoes the interrupt
+        term.read_until(b"# ")  # and the shell prompts again
+        assert term.run("echo still here", "c") == "still here"
+        assert term.proc.poll() is None
+
+        term.type("exit 3\r")
+        assert term.proc.wait(60) == 3
+        # The local terminal is as it was before the session.
+        assert termios.tcgetattr(term.slave) == term.before
+
+
+def test_shell_ends_when_its_terminal_hangs_up(
+    cli: Cli, envd: EnvdProcess, sandbox_id: str, tmp_path: Path
+) -> None:
+    with terminal(cli, envd, sandbox_id) as term:
+        term.type(f"echo $$ > {tmp_path}/pid; echo ready-$((1))\r")
+        term.read_until(b"ready-1")
+        remote_pid = int((tmp_path / "pid").read_text())
+        term.proc.send_signal(signal.SIGHUP)  # what a closed terminal window sends
+        assert term.proc.wait(60) == 128 + signal.SIGHUP
+        # The sandbox's shell did not outlive the session.
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{remote_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{remote_pid}").exists()
