@@ -1,10 +1,10 @@
 """``wrenn sandbox exec`` and ``shell`` through the e2b SDK against a real envd process.
 
-The control plane's sandbox proxy does not exist yet, so the sandbox is created on a
-FakeHostAgent TEST DOUBLE (the control plane still answers /connect with the sandbox's
-envd access token) and ``--sandbox-url`` points the SDK's envd traffic at a real envd —
-the way the proxy's URL will be given. The fake agent reports envd 0.3.0, for which the SDK
-asks for user ``user``; the tests name ``root`` (envd runs as root here)."""
+Sandboxes live on a FakeHostAgent TEST DOUBLE whose forwarding-path double leads their envd
+traffic to one real envd: by default the CLI sends it to the control plane's API port, whose
+sandbox proxy forwards it to the host. ``--sandbox-url`` (the debugging route) sends it
+straight to the envd. The fake agent reports envd 0.3.0, for which the SDK asks for user
+``user``; the tests name ``root`` (envd runs as root here)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def sandbox_id(cli: Cli) -> Iterator[str]:
     cli("sandbox", "kill", made.stdout.strip())
 
 
-def test_exec_streams_output_and_exit_code(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> None:
-    base = ("--sandbox-url", envd.url, "sandbox", "exec")
+def test_exec_streams_output_and_exit_code(cli: Cli, sandbox_id: str) -> None:
+    base = ("sandbox", "exec")
     ok = cli(*base, "--user", "root", sandbox_id, "--", "echo", "hello world", "$HOME")
     assert ok.exit_code == 0, ok.output
     assert ok.stdout == "hello world $HOME\n"  # several arguments are quoted, not expanded
@@ -54,19 +54,29 @@ def test_exec_streams_output_and_exit_code(cli: Cli, envd: EnvdProcess, sandbox_
     assert failed.stdout == "partial\n"
 
 
-def test_exec_errors(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> None:
-    unknown = cli("--sandbox-url", envd.url, "sandbox", "exec", "nosuchsandbox", "--", "true")
+def test_exec_straight_to_an_envd(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> None:
+    direct = cli("--sandbox-url", envd.url, "sandbox", "exec", "-u", "root", sandbox_id, "id -u")
+    assert direct.exit_code == 0, direct.output
+    assert direct.stdout == "0\n"
+
+
+def test_exec_errors(cli: Cli, sandbox_id: str) -> None:
+    unknown = cli("sandbox", "exec", "nosuchsandbox", "--", "true")
     assert unknown.exit_code == 1
     assert "not found" in unknown.stderr
-    # Without a sandbox URL and with no domain from the control plane, say what is missing.
-    no_route = cli("sandbox", "exec", sandbox_id, "--", "true")
-    assert no_route.exit_code == 1
-    assert "--sandbox-url" in no_route.stderr
-    assert "Traceback" not in no_route.output
+    no_command = cli("sandbox", "exec", sandbox_id)
+    assert no_command.exit_code in (1, 2)
+    assert "Traceback" not in no_command.output
     # A shell needs a terminal.
-    no_tty = cli("--sandbox-url", envd.url, "sandbox", "shell", sandbox_id)
+    no_tty = cli("sandbox", "shell", sandbox_id)
     assert no_tty.exit_code == 1
     assert "needs a terminal" in no_tty.stderr
+    killed = cli("sandbox", "kill", sandbox_id)
+    assert killed.exit_code == 0
+    gone = cli("sandbox", "exec", "-u", "root", sandbox_id, "true")
+    assert gone.exit_code == 1
+    assert "not found" in gone.stderr
+    assert "Traceback" not in gone.output
 
 
 class Terminal:
@@ -135,15 +145,15 @@ def _take_controlling_terminal() -> None:
 
 
 @contextlib.contextmanager
-def terminal(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> Iterator[Terminal]:
+def terminal(cli: Cli, sandbox_id: str, sandbox_url: str | None = None) -> Iterator[Terminal]:
     argv = [sys.executable, "-m", "wrenn.cli", "sandbox", "shell", "--user", "root", sandbox_id]
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "TERM": "xterm",
         "WRENN_API_URL": cli.api_url,
         "WRENN_API_KEY": cli.api_key or "",
-        "WRENN_SANDBOX_URL": envd.url,
         "WRENN_CONFIG": str(cli.config),
+        **({"WRENN_SANDBOX_URL": sandbox_url} if sandbox_url else {}),
     }
     term = Terminal(argv, env, rows=24, cols=80)
     try:
@@ -152,8 +162,11 @@ def terminal(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> Iterator[Terminal]
         term.close()
 
 
-def test_shell_is_an_interactive_terminal(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> None:
-    with terminal(cli, envd, sandbox_id) as term:
+@pytest.mark.parametrize("route", ["proxy", "direct"])
+def test_shell_is_an_interactive_terminal(
+    cli: Cli, envd: EnvdProcess, sandbox_id: str, route: str
+) -> None:
+    with terminal(cli, sandbox_id, envd.url if route == "direct" else None) as term:
         term.type('echo "<$((6*7))>"\r')
         term.read_until(b"<42>")
         assert term.run("tty >/dev/null && echo yes", "t") == "yes"
@@ -181,7 +194,7 @@ def test_shell_is_an_interactive_terminal(cli: Cli, envd: EnvdProcess, sandbox_i
 def test_shell_ends_when_its_terminal_hangs_up(
     cli: Cli, envd: EnvdProcess, sandbox_id: str, tmp_path: Path
 ) -> None:
-    with terminal(cli, envd, sandbox_id) as term:
+    with terminal(cli, sandbox_id) as term:
         term.type(f"echo $$ > {tmp_path}/pid; echo ready-$((1))\r")
         term.read_until(b"ready-1")
         remote_pid = int((tmp_path / "pid").read_text())

@@ -94,6 +94,7 @@ def test_up_runs_the_control_plane_and_stops_on_ctrl_c(run_up: type[Up], tmp_pat
         **os.environ,
         "WRENN_CP_PORT": str(port),
         "WRENN_CP_STATE_DIR": str(tmp_path),
+        "WRENN_CP_PROXY_PORT": "0",
         "WRENN_CONFIG": str(tmp_path / "config.toml"),
     }
     bin_dir = str(Path(sys.executable).parent)

@@ -21,7 +21,7 @@ class CliContext:
     api_url: str
     api_key: str | None
     #: Base URL of SDK traffic to sandboxes (the control plane's sandbox proxy, or an envd
-    #: when debugging); ``None``: the SDK's ``{port}-{sandbox_id}.{domain}`` addressing.
+    #: when debugging); ``None``: as ``sdk.sandbox_url`` decides.
     sandbox_url: str | None
     config_path: Path
 

@@ -65,8 +65,9 @@ def root(
         typer.Option(
             "--sandbox-url",
             envvar="WRENN_SANDBOX_URL",
-            help="Where exec/shell traffic goes (the sandbox proxy; an envd when debugging) "
-            "(default: config file, else {port}-{sandbox}.{domain} as the control plane says).",
+            help="Where exec/shell traffic goes: the sandbox proxy, or one envd when debugging "
+            "(default: config file, else {port}-{sandbox}.{domain} when the control plane "
+            "announces a domain, else the API URL).",
         ),
     ] = None,
     config_path: Annotated[

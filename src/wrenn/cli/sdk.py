@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from wrenn.cli.context import CliContext
 from wrenn.core.errors import (
     DeadlineExceeded,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unauthenticated,
@@ -46,6 +45,16 @@ def sdk_errors(sandbox_id: str) -> Iterator[None]:
         raise Unavailable(f"sandbox {sandbox_id}: {err}") from err
 
 
+def sandbox_url(cli: CliContext, domain: str | None) -> str | None:
+    """Where the SDK sends a sandbox's envd traffic: ``--sandbox-url`` when given; else, when
+    the control plane announces a domain, ``None`` (the SDK's ``{port}-{id}.{domain}``);
+    else the API URL, whose port routes requests carrying ``E2b-Sandbox-Id`` to the
+    control plane's sandbox proxy."""
+    if cli.sandbox_url:
+        return cli.sandbox_url
+    return None if domain else cli.api_url
+
+
 def connect(cli: CliContext, sandbox_id: str) -> Sandbox:
     """A running sandbox's SDK handle (a paused one is resumed by the control plane)."""
     import e2b
@@ -53,19 +62,15 @@ def connect(cli: CliContext, sandbox_id: str) -> Sandbox:
     with cli.client() as api:
         detail = api.get(f"/sandboxes/{sandbox_id}")
     domain = detail.get("domain") or None
-    if cli.sandbox_url is None and domain is None:
-        raise FailedPrecondition(
-            "the control plane announces no sandbox domain, so the sandbox's address is "
-            "unknown: pass --sandbox-url (or set WRENN_SANDBOX_URL) to its sandbox proxy"
-        )
     with sdk_errors(sandbox_id):
         return e2b.Sandbox.connect(
             sandbox_id,
             api_key=cli.require_key(),
             api_url=cli.api_url,
-            # Only what the control plane announced: never the SDK's public default.
-            domain=domain or "invalid",
-            sandbox_url=cli.sandbox_url,
+            # What the control plane announced; never the SDK's public default. Unused when
+            # a sandbox URL is set (the reserved .invalid name can resolve nowhere).
+            domain=domain or "wrenn.invalid",
+            sandbox_url=sandbox_url(cli, domain),
             debug=False,
             request_timeout=REQUEST_TIMEOUT_S,
         )
