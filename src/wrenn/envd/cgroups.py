@@ -18,8 +18,10 @@ never leaving user code less than half. When user code exceeds it the kernel's O
 runs inside the group, so it kills user code and never envd. User processes also get a raised
 ``oom_score_adj`` (see ``process.spawn``) for machine-wide shortages.
 
-A child joins the group between fork and exec by writing ``0`` to ``cgroup.procs`` through
-descriptors opened here (:meth:`Cgroups.child_fds`), so not even its first fork escapes.
+A child is in the group before its program starts, so not even its first fork escapes: held at
+the spawn gate, envd writes its pid to ``cgroup.procs`` through descriptors opened here
+(:meth:`Cgroups.child_fds`); a forked child writes ``0`` to them itself between fork and exec
+(see ``process.spawn``).
 :meth:`Cgroups.remove` kills whatever is left in the group and removes it; groups left by a
 previous envd that died are removed at setup when empty.
 """
@@ -317,8 +319,9 @@ class Cgroups:
                 _write(group / "cpu.shares", str(USER_CPU_SHARES))
 
     def child_fds(self) -> tuple[int, ...]:
-        """Descriptors of the groups' ``cgroup.procs``: a child writes ``0`` to each to
-        join (allowed after it dropped privileges, since they were opened by root)."""
+        """Descriptors of the groups' ``cgroup.procs``: envd writes a child's pid to each, or
+        a forked child writes ``0`` (allowed after it dropped privileges, since they were
+        opened by root)."""
         return tuple(self._fds)
 
     def place(self, pid: int) -> None:

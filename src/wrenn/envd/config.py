@@ -22,6 +22,9 @@ class EnvdSettings(BaseSettings):
     #: Root of the cgroup hierarchy; user processes go in a child group of it.
     cgroup_root: str = "/sys/fs/cgroup"
     cgroups: bool = True
+    #: Start processes with posix_spawn behind the spawn gate (needs root and fanotify
+    #: permission events); off, or where unavailable, envd forks and sets up each child.
+    fast_spawn: bool = True
     #: Port subsystem: make loopback-only listeners reachable on the external address.
     ports: bool = True
     port_scan_interval_s: float = 1.0

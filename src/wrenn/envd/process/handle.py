@@ -22,7 +22,8 @@ import signal
 from wrenn import log
 from wrenn.core.errors import FailedPrecondition, InvalidArgument
 from wrenn.envd.process.fanout import Chunk, ExitStatus, Fanout, OutputKind, Subscriber
-from wrenn.envd.process.spawn import PtySize, Spawned
+from wrenn.envd.process.launch import PtySize
+from wrenn.envd.process.spawn import Spawned
 from wrenn.gen.process.process_pb import ProcessConfig, ProcessInfo
 
 _log = log.get(__name__)
@@ -48,8 +49,8 @@ class ProcessHandle:
     """A running (then finished) user process and everything attached to it."""
 
     def __init__(self, spawned: Spawned, config: ProcessConfig, tag: str | None) -> None:
-        self._popen = spawned.popen
-        self.pid: int = spawned.popen.pid
+        self._child = spawned.child
+        self.pid: int = spawned.child.pid
         self.config = config
         self.tag = tag
         self.fanout = Fanout(f"pid {self.pid}")
@@ -186,9 +187,9 @@ class ProcessHandle:
                 task.cancel()
             await asyncio.gather(*readers, return_exceptions=True)
             self._release()
-        status = exit_status(self._popen.returncode)
+        status = exit_status(self._child.wait())
         self.fanout.finish(status)
-        _log.info("process.ended", pid=self.pid, status=status.status)
+        _log.debug("process.ended", pid=self.pid, status=status.status)
         return status
 
     def _outputs(self) -> list[tuple[int, OutputKind]]:
@@ -209,8 +210,8 @@ class ProcessHandle:
             await done
         finally:
             loop.remove_reader(self._pidfd)
-        if self._popen.poll() is None:  # a readable pidfd means the child is a zombie
-            await asyncio.to_thread(self._popen.wait)
+        if self._child.poll() is None:  # a readable pidfd means the child is a zombie
+            await asyncio.to_thread(self._child.wait)
         if self._deadline is not None:
             self._deadline.cancel()
         self._exited.set()

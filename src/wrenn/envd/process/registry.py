@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import signal
 from collections import OrderedDict
-from collections.abc import Sequence
 
 from protobuf import Oneof
 
@@ -19,7 +18,8 @@ from wrenn import log
 from wrenn.core.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from wrenn.envd.process.fanout import Subscriber
 from wrenn.envd.process.handle import ProcessHandle
-from wrenn.envd.process.spawn import LaunchSpec, Spawned, spawn
+from wrenn.envd.process.launch import LaunchSpec
+from wrenn.envd.process.spawn import Spawned, Spawner
 from wrenn.gen.process.process_pb import ProcessConfig, ProcessSelector
 
 _log = log.get(__name__)
@@ -31,8 +31,8 @@ CLOSE_TIMEOUT_S = 5.0
 
 
 class Registry:
-    def __init__(self, cgroup_fds: Sequence[int] = ()) -> None:
-        self._cgroup_fds = tuple(cgroup_fds)
+    def __init__(self, spawner: Spawner | None = None) -> None:
+        self._spawner = spawner if spawner is not None else Spawner()
         self._running: dict[int, ProcessHandle] = {}
         self._finished: OrderedDict[int, ProcessHandle] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -87,7 +87,7 @@ class Registry:
         if self._closing:
             raise Unavailable("envd is shutting down")
         self._check_tag_free(tag)
-        spawning = asyncio.ensure_future(asyncio.to_thread(spawn, spec, self._cgroup_fds))
+        spawning = asyncio.ensure_future(self._spawner.spawn(spec))
 
         def adopt_orphan(f: asyncio.Future[Spawned]) -> None:
             if not f.cancelled() and f.exception() is None:
@@ -117,7 +117,7 @@ class Registry:
         task = asyncio.create_task(self._supervise(handle), name=f"process {handle.pid}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        _log.info("process.started", pid=handle.pid, cmd=config.cmd, tag=tag)
+        _log.debug("process.started", pid=handle.pid, cmd=config.cmd, tag=tag)
         return handle, sub
 
     async def _supervise(self, handle: ProcessHandle) -> None:
@@ -136,15 +136,16 @@ class Registry:
                 self._finished.popitem(last=False)
 
     async def aclose(self) -> None:
-        """Kill every running process group envd started and wait for them to end."""
+        """Kill every running process group envd started and wait for them to end; a child
+        whose start was under way is killed when it is adopted."""
         self._closing = True
         for handle in list(self._running.values()):
             handle.signal(signal.SIGKILL)
         tasks = list(self._tasks)
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*pending, return_exceptions=True)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*pending, return_exceptions=True)
+        await self._spawner.aclose()

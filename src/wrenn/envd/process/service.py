@@ -13,6 +13,7 @@ from wrenn.envd.defaults import Defaults
 from wrenn.envd.process import close_stdin, connect, send_input, send_signal, start, update
 from wrenn.envd.process.list import list_processes
 from wrenn.envd.process.registry import Registry
+from wrenn.envd.process.spawn import Spawner
 from wrenn.envd.process.stream_input import stream_input
 from wrenn.gen.process.process_connect import Process
 from wrenn.gen.process.process_pb import (
@@ -38,7 +39,9 @@ from wrenn.gen.process.process_pb import (
 class ProcessService(Process):
     def __init__(self, defaults: Defaults, settings: EnvdSettings, cgroups: Cgroups | None) -> None:
         self.defaults = defaults
-        self.registry = Registry(cgroups.child_fds() if cgroups is not None else ())
+        self.registry = Registry(
+            Spawner(cgroups.child_fds() if cgroups is not None else (), fast=settings.fast_spawn)
+        )
 
     async def list(
         self, request: ListRequest, ctx: RequestContext[ListRequest, ListResponse]

@@ -1,156 +1,70 @@
-"""Turning a validated start request into a running child: its environment, working
-directory, identity, session, controlling terminal and cgroup.
+"""Turning a :class:`LaunchSpec` into a running child with its identity, session, controlling
+terminal, cgroup and OOM score in place before its program starts.
 
-The child is forked by ``subprocess.Popen`` on a worker thread. Between fork and exec it runs
-:func:`_ChildSetup.__call__`, in this order, while still root: unblock signals, take the PTY
-as controlling terminal (``setsid`` has already made it a session leader), join the user
-cgroup, raise its OOM score, then drop to the user's groups, gid and uid. Every process
-therefore leads its own session and process group, so signals sent to the group reach all of
-its descendants that did not leave it.
+Two ways, same result:
+
+* **gated** (default where it works): ``posix_spawn`` from a dedicated thread that acts as the
+  user, the child held at the spawn gate until envd has put it in the user cgroup (see
+  ``gated``, ``gate``, ``credentials``). No fork of envd, so starting a process costs about
+  what the exec costs.
+* **forked**: ``subprocess.Popen`` with a ``preexec_fn`` that sets everything up in the child
+  (see ``forked``): when envd is not root, the kernel lacks fanotify permission events, the C
+  library lacks ``posix_spawn_file_actions_addclosefrom_np`` (glibc < 2.34), the spawning
+  thread cannot have a working directory of its own, or ``WRENN_ENVD_FAST_SPAWN`` is off.
+
+Either way every process leads its own session and process group (signals sent to the group
+reach all descendants that did not leave it), starts with no signal blocked, in its working
+directory entered as root, and only when the user may execute the program
+(``invalid_argument`` otherwise). Starts run one at a time on one thread ("envd-spawn").
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import errno
-import fcntl
 import os
 import signal
-import struct
 import subprocess
-import termios
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
-from wrenn.core.errors import Internal, InvalidArgument, PermissionDenied, ResourceExhausted
-from wrenn.envd.defaults import Defaults
-from wrenn.envd.users import User
+from wrenn import log
+from wrenn.core.errors import Internal, InvalidArgument, ResourceExhausted
+from wrenn.envd.process import credentials, posix_spawn
+from wrenn.envd.process.forked import USER_OOM_SCORE_ADJ, spawn_forked
+from wrenn.envd.process.gate import SpawnGate
+from wrenn.envd.process.gated import GatedChild, GateDenied, spawn_gated
+from wrenn.envd.process.launch import LaunchSpec
+from wrenn.envd.process.streams import Streams
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-DEFAULT_TERM = "xterm-256color"
-#: oom_score_adj of user processes: the kernel's OOM killer picks them before envd.
-USER_OOM_SCORE_ADJ = 100
+_log = log.get(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class PtySize:
-    cols: int
-    rows: int
-
-    def __post_init__(self) -> None:
-        for name, value in (("cols", self.cols), ("rows", self.rows)):
-            if not 0 < value <= 0xFFFF:
-                raise InvalidArgument(f"pty {name} must be between 1 and 65535, got {value}")
-
-    def apply(self, fd: int) -> None:
-        """Set this size on the terminal behind ``fd`` (the kernel signals SIGWINCH to the
-        terminal's foreground process group)."""
-        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", self.rows, self.cols, 0, 0))
+_CLONE_FS = 0x0000_0200
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
-@dataclass(frozen=True, slots=True)
-class LaunchSpec:
-    """Everything needed to fork one user process."""
+class Child(Protocol):
+    """What envd needs of a started child (``subprocess.Popen`` is one)."""
 
-    argv: tuple[str, ...]
-    env: dict[str, str]
-    cwd: str
-    user: User
-    pty: PtySize | None
-    stdin: bool
+    pid: int
 
+    @property
+    def returncode(self) -> int | None: ...
 
-def environment(
-    user: User, defaults: Defaults, requested: Mapping[str, str], *, pty: bool
-) -> dict[str, str]:
-    """PATH from envd, the user's identity variables, then /init's variables, then the
-    request's (later ones win)."""
-    env = {
-        "PATH": os.environ.get("PATH") or DEFAULT_PATH,
-        "HOME": user.home,
-        "USER": user.name,
-        "LOGNAME": user.name,
-        "SHELL": user.shell,
-    }
-    if pty:
-        env["TERM"] = DEFAULT_TERM
-    env.update(defaults.env_vars)
-    env.update(requested)
-    for key, value in env.items():
-        if not key or "=" in key or "\0" in key or "\0" in value:
-            raise InvalidArgument(f"invalid environment variable {key!r}")
-    return env
+    def poll(self) -> int | None: ...
 
-
-def working_directory(requested: str | None, user: User, defaults: Defaults) -> str:
-    """The absolute directory a process starts in. ``~`` expands to the user's home and a
-    relative path is taken from the default workdir (else the home). Without a request the
-    default workdir, else the home, else ``/`` when the home does not exist."""
-    if requested:
-        path = requested
-        if path == "~" or path.startswith("~/"):
-            path = user.home + path[1:]
-        if not os.path.isabs(path):
-            path = os.path.join(defaults.workdir or user.home, path)
-    elif defaults.workdir:
-        path = defaults.workdir
-    else:
-        return user.home if os.path.isdir(user.home) else "/"
-    path = os.path.normpath(path)
-    if not os.path.exists(path):
-        raise InvalidArgument(f"cwd '{path}' does not exist")
-    if not os.path.isdir(path):
-        raise InvalidArgument(f"cwd '{path}' is not a directory")
-    return path
-
-
-def check_identity(user: User) -> None:
-    """envd can start processes as anyone only when it runs as root."""
-    if os.geteuid() != 0 and user.uid != os.geteuid():
-        raise PermissionDenied(f"envd runs unprivileged and cannot start processes as {user.name}")
-
-
-class _ChildSetup:
-    """Runs in the forked child before exec (see the module docstring). Only async-signal
-    tolerant work: syscalls on values prepared by the parent."""
-
-    def __init__(self, user: User, pty: bool, cgroup_fds: Sequence[int]) -> None:
-        self.uid = user.uid
-        self.gid = user.gid
-        self.groups = list(user.groups)
-        self.switch = os.geteuid() == 0 and (
-            (user.uid, user.gid) != (os.geteuid(), os.getegid())
-            or set(user.groups) != set(os.getgroups())
-        )
-        self.pty = pty
-        self.cgroup_fds = tuple(cgroup_fds)
-        self.oom = str(USER_OOM_SCORE_ADJ).encode()
-
-    def __call__(self) -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if self.pty:
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        for fd in self.cgroup_fds:
-            os.write(fd, b"0")
-        try:
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.write(fd, self.oom)
-            finally:
-                os.close(fd)
-        except OSError:
-            pass
-        if self.switch:
-            os.setgroups(self.groups)
-            os.setgid(self.gid)
-            os.setuid(self.uid)
+    def wait(self) -> int: ...
 
 
 @dataclass(slots=True)
 class Spawned:
-    """A forked child and the parent's ends of its standard streams."""
+    """A started child and envd's ends of its standard streams."""
 
-    popen: subprocess.Popen[bytes]
+    child: Child
     pidfd: int
     stdin_fd: int | None
     stdout_fd: int | None
@@ -158,83 +72,145 @@ class Spawned:
     pty_fd: int | None
 
 
-def _close_quietly(*fds: int | None) -> None:
-    for fd in fds:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+def _start_error(cmd: str, err: OSError) -> Exception:
+    if isinstance(err, FileNotFoundError):
+        return InvalidArgument(f"cannot execute {cmd!r}: no such file")
+    if isinstance(err, PermissionError):
+        return InvalidArgument(f"cannot execute {cmd!r}: permission denied")
+    if err.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
+        return ResourceExhausted(f"cannot start process: {err.strerror}")
+    return InvalidArgument(f"cannot execute {cmd!r}: {err.strerror}")
 
 
-def spawn(spec: LaunchSpec, cgroup_fds: Sequence[int]) -> Spawned:
-    """Fork and exec ``spec`` (blocking: call it on a worker thread). The parent's ends are
-    non-blocking; the child's ends are closed here once the child has them."""
-    setup = _ChildSetup(spec.user, spec.pty is not None, cgroup_fds)
-    ours: list[int] = []
-    theirs: list[int] = []
+def _enter(cwd: str) -> None:
     try:
-        if spec.pty is not None:
-            master, slave = os.openpty()
-            ours.append(master)
-            theirs.append(slave)
-            spec.pty.apply(master)
-            stdin_arg: int = slave
-            stdout_arg: int = slave
-            stderr_arg: int = slave
-            stdin_fd = stdout_fd = stderr_fd = None
-            pty_fd: int | None = master
+        os.chdir(cwd)
+    except OSError as err:
+        raise InvalidArgument(f"cwd '{cwd}' cannot be entered: {err.strerror}") from err
+
+
+class Spawner:
+    """Starts user processes (see the module docstring). ``cgroup_fds`` are the user groups'
+    ``cgroup.procs`` descriptors (see ``cgroups``)."""
+
+    def __init__(self, cgroup_fds: Sequence[int] = (), *, fast: bool = True) -> None:
+        self._cgroup_fds = tuple(cgroup_fds)
+        self._fast = fast
+        self._gate: SpawnGate | None = None
+        self._decided = False
+        self._cwd_private: bool | None = None
+        self._base = credentials.Ids.current()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envd-spawn")
+
+    @property
+    def gated(self) -> bool:
+        """Whether processes are started through the gate (known after the first start)."""
+        return self._gate is not None
+
+    def _decide(self) -> None:
+        """Pick the way of starting processes, once, on the event loop thread."""
+        self._decided = True
+        reason: str | None = None
+        if not self._fast:
+            reason = "turned off"
+        elif self._base.uids[1] != 0:
+            reason = "envd is not root"
+        elif missing := posix_spawn.missing_symbols():
+            reason = f"C library lacks {', '.join(missing)}"
         else:
-            out_r, out_w = os.pipe()
-            ours.append(out_r)
-            theirs.append(out_w)
-            err_r, err_w = os.pipe()
-            ours.append(err_r)
-            theirs.append(err_w)
-            stdout_arg, stderr_arg = out_w, err_w
-            stdout_fd, stderr_fd, pty_fd = out_r, err_r, None
-            if spec.stdin:
-                in_r, in_w = os.pipe()
-                ours.append(in_w)
-                theirs.append(in_r)
-                stdin_arg, stdin_fd = in_r, in_w
-            else:
-                stdin_arg, stdin_fd = subprocess.DEVNULL, None
-        for fd in ours:
-            os.set_blocking(fd, False)
-        popen = subprocess.Popen(
-            list(spec.argv),
-            stdin=stdin_arg,
-            stdout=stdout_arg,
-            stderr=stderr_arg,
-            cwd=spec.cwd,
-            env=spec.env,
-            start_new_session=True,
-            preexec_fn=setup,
-            close_fds=True,
+            try:
+                self._gate = SpawnGate.open(self._place)
+            except OSError as err:
+                reason = f"no spawn gate: {err}"
+        if self._gate is not None:
+            self._gate.attach(asyncio.get_running_loop())
+            _log.debug("process.spawn_mode", mode="gated")
+        else:
+            _log.info("process.spawn_mode", mode="forked", reason=reason)
+
+    def _place(self, pid: int) -> None:
+        """Put a child held at the gate in the user cgroup(s) and raise its OOM score."""
+        value = str(pid).encode()
+        for fd in self._cgroup_fds:
+            os.write(fd, value)
+        fd = os.open(f"/proc/{pid}/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, str(USER_OOM_SCORE_ADJ).encode())
+        finally:
+            os.close(fd)
+
+    async def spawn(self, spec: LaunchSpec) -> Spawned:
+        """Start ``spec``. Cancelling the wait does not cancel the start: the caller must
+        adopt a child whose start completes after it stopped waiting."""
+        if not self._decided:
+            self._decide()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._spawn, spec)
+
+    def _own_cwd(self) -> bool:
+        """Give the spawning thread a working directory of its own (``unshare(CLONE_FS)``),
+        once; a child created by ``posix_spawn`` starts in it. False where that fails."""
+        if self._cwd_private is None:
+            self._cwd_private = _libc.unshare(_CLONE_FS) == 0
+            if not self._cwd_private:
+                err = ctypes.get_errno()
+                _log.warning("process.spawn_mode", mode="forked", reason=os.strerror(err))
+        return self._cwd_private
+
+    def _spawn(self, spec: LaunchSpec) -> Spawned:
+        gate = self._gate if self._gate is not None and self._own_cwd() else None
+        child: Child
+        try:
+            if gate is not None:
+                _enter(spec.cwd)  # as root, like the forked path's chdir
+            try:
+                with credentials.acting_as(self._base, spec.user):
+                    streams = Streams.open(spec)
+                    if gate is not None:
+                        try:
+                            child = GatedChild(spawn_gated(spec, streams, gate))
+                        except BaseException:
+                            streams.close_ours()
+                            raise
+                        finally:
+                            streams.close_theirs()
+            finally:
+                if gate is not None:
+                    os.chdir("/")
+            if gate is None:
+                try:
+                    child = spawn_forked(spec, streams, self._cgroup_fds)
+                except BaseException:
+                    streams.close_ours()
+                    raise
+                finally:
+                    streams.close_theirs()
+        except GateDenied:
+            raise Internal("could not place the process in the user cgroup") from None
+        except subprocess.SubprocessError as err:
+            raise Internal("process setup between fork and exec failed") from err
+        except OSError as err:
+            raise _start_error(spec.argv[0], err) from err
+        return self._watch(child, streams)
+
+    @staticmethod
+    def _watch(child: Child, streams: Streams) -> Spawned:
+        """Open the child's pidfd; a child that cannot be watched is killed."""
+        try:
+            pidfd = os.pidfd_open(child.pid)
+        except OSError as err:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+            streams.close_ours()
+            raise ResourceExhausted(f"cannot watch the new process: {err.strerror}") from err
+        return Spawned(
+            child, pidfd, streams.stdin_fd, streams.stdout_fd, streams.stderr_fd, streams.pty_fd
         )
-    except FileNotFoundError as err:
-        _close_quietly(*ours)
-        raise InvalidArgument(f"cannot execute {spec.argv[0]!r}: no such file") from err
-    except PermissionError as err:
-        _close_quietly(*ours)
-        raise InvalidArgument(f"cannot execute {spec.argv[0]!r}: permission denied") from err
-    except OSError as err:
-        _close_quietly(*ours)
-        if err.errno in (errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM):
-            raise ResourceExhausted(f"cannot start process: {err.strerror}") from err
-        raise InvalidArgument(f"cannot execute {spec.argv[0]!r}: {err.strerror}") from err
-    except subprocess.SubprocessError as err:
-        _close_quietly(*ours)
-        raise Internal("process setup between fork and exec failed") from err
-    except BaseException:
-        _close_quietly(*ours)
-        raise
-    finally:
-        _close_quietly(*theirs)
-    try:
-        pidfd = os.pidfd_open(popen.pid)
-    except OSError as err:
-        os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
-        _close_quietly(*ours)
-        raise ResourceExhausted(f"cannot watch the new process: {err.strerror}") from err
-    return Spawned(popen, pidfd, stdin_fd, stdout_fd, stderr_fd, pty_fd)
+
+    async def aclose(self) -> None:
+        """Finish the start in progress, then close the gate."""
+        await asyncio.to_thread(self._thread.shutdown, wait=True)
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None

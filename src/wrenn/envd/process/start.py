@@ -10,14 +10,14 @@ from wrenn.core.errors import InvalidArgument
 from wrenn.envd.auth import request_user
 from wrenn.envd.defaults import Defaults
 from wrenn.envd.process import events
-from wrenn.envd.process.registry import Registry
-from wrenn.envd.process.spawn import (
+from wrenn.envd.process.launch import (
     LaunchSpec,
     PtySize,
     check_identity,
     environment,
     working_directory,
 )
+from wrenn.envd.process.registry import Registry
 from wrenn.gen.process.process_pb import StartRequest, StartResponse
 
 #: PTY size when a request asks for a PTY without giving one.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from wrenn.core.errors import InvalidArgument
+from wrenn.envd.process.launch import PtySize
 from wrenn.envd.process.registry import Registry
-from wrenn.envd.process.spawn import PtySize
 from wrenn.gen.process.process_pb import UpdateRequest, UpdateResponse
 
 
