@@ -1,7 +1,8 @@
 """Every HTTP connection envd serves, so that a snapshot never leaves zombie connections behind.
 
 uvicorn has no connection-state hook, so ``protocol_class`` subclasses its httptools protocol to
-report connection open/close and request begin/finish to a ``ConnTracker``.
+report connection open/close and request begin/finish to a ``ConnTracker`` (and to give every
+connection a ``CoalescingTransport``, see ``coalesce``).
 
 Snapshot contract:
 
@@ -28,6 +29,7 @@ from typing import Any, ClassVar, Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from wrenn import log
+from wrenn.envd.coalesce import CoalescingTransport
 
 _log = log.get(__name__)
 
@@ -175,6 +177,7 @@ class TrackedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
     ) -> None:
+        transport = CoalescingTransport(transport, asyncio.get_running_loop())
         super().connection_made(transport)
         self._conn = self.tracker.opened(transport, self, self.client)
 
