@@ -15,14 +15,14 @@ Scanning and forwarding run in that one task, one after the other, so they canno
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import ipaddress
 import socket
+import struct
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
 
 from wrenn import log
 from wrenn.envd.config import EnvdSettings
@@ -34,6 +34,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 #: ``st`` column of /proc/net/tcp for a listening socket.
 TCP_LISTEN = 0x0A
 RELAY_CHUNK_BYTES = 64 * 1024
+#: ioctl reading an interface's IPv4 address (struct ifreq: 16-byte name, then a sockaddr_in).
+_SIOCGIFADDR = 0x8915
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -133,10 +135,21 @@ def default_route_address(proc_root: str = "/proc") -> IPAddress | None:
             continue
         if not int(fields[3], 16) & 0x1:  # RTF_UP
             continue
-        for addr in psutil.net_if_addrs().get(fields[0], []):
-            if addr.family == socket.AF_INET:
-                return ipaddress.IPv4Address(addr.address)
+        address = interface_ipv4(fields[0])
+        if address is not None:
+            return address
     return None
+
+
+def interface_ipv4(name: str) -> ipaddress.IPv4Address | None:
+    """The (primary) IPv4 address of interface ``name``, if it has one."""
+    request = struct.pack("256s", name.encode()[:15])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            reply = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, request)
+        except OSError:
+            return None
+    return ipaddress.IPv4Address(reply[20:24])
 
 
 def resolve_forward_address(settings: EnvdSettings) -> IPAddress | None:

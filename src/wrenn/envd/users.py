@@ -1,5 +1,8 @@
 """Who a request acts as: the Linux user named by the client, resolved from the passwd and
-group databases."""
+group databases.
+
+Resolved users are kept until ``/etc/passwd`` or ``/etc/group`` changes (inode, size or
+mtime), so a request costs two ``stat`` calls instead of reading both files again."""
 
 from __future__ import annotations
 
@@ -21,8 +24,43 @@ class User:
     shell: str
 
 
+#: Files whose change invalidates the resolved users.
+DATABASES = ("/etc/passwd", "/etc/group")
+_KEPT_USERS = 64
+
+_Stamp = tuple[tuple[int, int, int], ...]
+#: (stamp of the databases, users resolved under it); replaced whole, never mutated in place
+#: by two threads at once.
+_resolved: tuple[_Stamp, dict[str, User]] = ((), {})
+
+
+def _stamp() -> _Stamp:
+    stamps = []
+    for path in DATABASES:
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append((0, 0, 0))
+        else:
+            stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
+
 def lookup(name: str) -> User:
     """Resolve ``name`` (a user name or a numeric uid). Unknown users are invalid arguments."""
+    global _resolved
+    stamp = _stamp()
+    kept_stamp, kept = _resolved
+    if kept_stamp == stamp and (user := kept.get(name)) is not None:
+        return user
+    user = _resolve(name)
+    users = dict(kept) if kept_stamp == stamp and len(kept) < _KEPT_USERS else {}
+    users[name] = user
+    _resolved = (stamp, users)
+    return user
+
+
+def _resolve(name: str) -> User:
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except (KeyError, ValueError):
