@@ -195,6 +195,15 @@ class DiskStore:
         if dest.exists():
             raise AlreadyExists(f"template {template_id} already exists")
 
+    def templates(self) -> list[str]:
+        """Ids of every template in the store."""
+        self._require_open()
+        return sorted(
+            p.name.removesuffix(_SUFFIX)
+            for p in (self.root / "templates").glob(f"*{_SUFFIX}")
+            if _TMP_MARK not in p.name
+        )
+
     async def delete_template(self, template_id: str) -> None:
         """Remove a template; sandbox disks cloned from it keep their data."""
         self._require_open()
