@@ -28,5 +28,21 @@ class AgentSettings(BaseSettings):
     qemu_bin: str = "qemu-system-x86_64"
     #: Network slots pre-created at start and recycled.
     slots: int = 8
+    #: Names of everything the slot pool creates on the host (namespaces ``<prefix>-slot-<i>``,
+    #: veths ``<prefix>-v<i>``); the reaper removes whatever is named under it at start.
+    network_prefix: str = "wrenn"
+    #: Split into a /30 per slot (host veth, namespace veth).
+    transit_pool: str = "10.12.0.0/16"
+    #: One host-reachable "sandbox address" per slot, NATed to the guest.
+    sandbox_pool: str = "10.11.0.0/16"
     default_vcpus: int = 1
     default_memory_mib: int = 512
+    #: A built guest image directory to use as is; unset: find or build the base image under
+    #: ``<state_dir>/images`` at start.
+    base_image_dir: Path | None = None
+    #: Build the base template's snapshot in the background at start (else on first use).
+    warm_base_template: bool = True
+    #: Cold boot to envd answering /health (template builds; TCG boots take seconds).
+    boot_timeout_s: float = 180.0
+    #: Snapshot restore to envd answering /health (create, resume).
+    restore_timeout_s: float = 60.0

@@ -1,0 +1,282 @@
+"""The forwarding path: ``ANY /sandboxes/{sandbox_id}/port/{port}/{path...}`` relayed to port
+``port`` of that sandbox's guest (its sandbox address), which is how the control plane's proxy
+reaches envd (49983) and the ports a sandbox serves.
+
+HTTP is relayed as it flows, both ways: the request body goes up while the client sends it, the
+response comes down chunk by chunk as the guest writes it (Connect server streams, /files
+downloads), bounded by a small queue rather than buffered. When the client goes away the
+upstream request is cancelled, so a process stream never outlives its reader. WebSocket
+upgrades are relayed message by message. Hop-by-hop headers stay on their hop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import httpx
+from starlette.types import Receive, Scope, Send
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from wrenn import log
+from wrenn.agent.edge import error_response
+from wrenn.core.errors import DeadlineExceeded, InvalidArgument, Unavailable, WrennError
+
+_log = log.get(__name__)
+
+PREFIX = "/sandboxes/"
+_PATH = re.compile(rb"^/sandboxes/([^/]+)/port/([0-9]{1,5})(/.*)?$")
+#: Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus Host (the upstream's
+#: is set for its address).
+_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+    }
+)
+#: A WebSocket's own handshake headers, made anew for the upstream connection.
+_WS_OWN = frozenset(
+    {
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"sec-websocket-accept",
+    }
+)
+#: Request body chunks read ahead of the upstream.
+_BODY_QUEUE = 4
+_WS_OPEN_TIMEOUT_S = 10.0
+#: How long a closing guest connection gets to answer the close handshake.
+_WS_CLOSE_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a forwarded request goes: the guest's address and an HTTP client for it."""
+
+    address: str
+    client: httpx.AsyncClient
+
+
+#: Resolves a sandbox id to its target; raises ``NotFound`` / ``FailedPrecondition``.
+Resolve = Callable[[str], Target]
+
+
+def _parse(scope: Scope) -> tuple[str, int, str]:
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    match = _PATH.match(raw.split(b"?", 1)[0])
+    if match is None:
+        raise InvalidArgument("expected /sandboxes/{sandbox_id}/port/{port}/{path}")
+    port = int(match.group(2))
+    if not 0 < port < 65536:
+        raise InvalidArgument(f"invalid port {port}")
+    rest = (match.group(3) or b"/").decode("latin-1")
+    query = scope.get("query_string", b"").decode("latin-1")
+    return match.group(1).decode(), port, rest + (f"?{query}" if query else "")
+
+
+def _headers(scope: Scope, drop: frozenset[bytes] = _HOP) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in scope["headers"] if k.lower() not in drop]
+
+
+class Forwarder:
+    """ASGI application for paths under ``/sandboxes/``."""
+
+    def __init__(self, resolve: Resolve) -> None:
+        self._resolve = resolve
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            sandbox_id, port, rest = _parse(scope)
+            target = self._resolve(sandbox_id)
+        except WrennError as err:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008, "reason": err.message})
+            else:
+                await error_response(err)(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await _relay_websocket(scope, receive, send, f"ws://{target.address}:{port}{rest}")
+        else:
+            url = f"http://{target.address}:{port}{rest}"
+            await _Exchange(scope, receive, send, target.client, url, sandbox_id, port).run()
+
+
+class _Exchange:
+    """One forwarded HTTP request and its response."""
+
+    def __init__(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        client: httpx.AsyncClient,
+        url: str,
+        sandbox_id: str,
+        port: int,
+    ) -> None:
+        self.scope, self.receive, self.send = scope, receive, send
+        self.client, self.url = client, url
+        self.sandbox_id, self.port = sandbox_id, port
+        self.started = False
+        self.body: asyncio.Queue[bytes | None] = asyncio.Queue(_BODY_QUEUE)
+
+    def _has_body(self) -> bool:
+        names = {k.lower() for k, _ in self.scope["headers"]}
+        return b"content-length" in names or b"transfer-encoding" in names
+
+    async def run(self) -> None:
+        relay = asyncio.ensure_future(self._relay())
+        watch = asyncio.ensure_future(self._watch(relay))
+        try:
+            await relay
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this request is being cancelled, not just the relay (client gone)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+
+    async def _watch(self, relay: asyncio.Future[None]) -> None:
+        """Feed the request body to the queue; cancel the relay when the client leaves."""
+        more = self._has_body()
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                relay.cancel()
+                return
+            if more:
+                await self.body.put(message.get("body", b""))
+                more = message.get("more_body", False)
+                if not more:
+                    await self.body.put(None)
+
+    async def _request_body(self) -> AsyncIterator[bytes]:
+        while (chunk := await self.body.get()) is not None:
+            if chunk:
+                yield chunk
+
+    async def _relay(self) -> None:
+        request = self.client.build_request(
+            self.scope["method"],
+            self.url,
+            headers=_headers(self.scope),
+            content=self._request_body() if self._has_body() else None,
+        )
+        try:
+            response = await self.client.send(request, stream=True)
+        except httpx.TimeoutException:
+            await self._fail(
+                DeadlineExceeded(f"port {self.port} of sandbox {self.sandbox_id} timed out")
+            )
+            return
+        except httpx.TransportError as err:
+            await self._fail(
+                Unavailable(
+                    f"cannot reach port {self.port} of sandbox {self.sandbox_id}: "
+                    f"{err.__class__.__name__}"
+                )
+            )
+            return
+        try:
+            await self.send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in _HOP],
+                }
+            )
+            self.started = True
+            async for chunk in response.aiter_raw():
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        except httpx.TransportError as err:
+            # The status is out: all that is left is to cut the response short.
+            _log.info(
+                "forward.upstream_broken",
+                sandbox_id=self.sandbox_id,
+                port=self.port,
+                error=err.__class__.__name__,
+            )
+        finally:
+            await response.aclose()
+
+    async def _fail(self, err: WrennError) -> None:
+        await error_response(err)(self.scope, self.receive, self.send)
+
+
+async def _relay_websocket(scope: Scope, receive: Receive, send: Send, url: str) -> None:
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        return
+    try:
+        upstream = await connect(
+            url,
+            subprotocols=scope.get("subprotocols") or None,
+            additional_headers=[
+                (k.decode("latin-1"), v.decode("latin-1"))
+                for k, v in _headers(scope, _HOP | _WS_OWN)
+            ],
+            user_agent_header=None,
+            compression=None,
+            proxy=None,
+            open_timeout=_WS_OPEN_TIMEOUT_S,
+            max_size=None,
+            ping_interval=None,
+            close_timeout=_WS_CLOSE_TIMEOUT_S,
+        )
+    except (OSError, TimeoutError, InvalidHandshake) as err:
+        await send({"type": "websocket.close", "code": 1011, "reason": type(err).__name__})
+        return
+    try:
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+        down = asyncio.ensure_future(_ws_down(upstream, send))
+        try:
+            await _ws_up(receive, upstream)
+        finally:
+            down.cancel()
+            await asyncio.gather(down, return_exceptions=True)
+    finally:
+        await upstream.close()
+
+
+async def _ws_up(receive: Receive, upstream: ClientConnection) -> None:
+    """Client → guest until the client disconnects or the guest closes."""
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data = message.get("bytes") if message.get("bytes") is not None else message.get("text")
+        if data is None:
+            continue
+        try:
+            await upstream.send(data)
+        except ConnectionClosed:
+            return
+
+
+async def _ws_down(upstream: ClientConnection, send: Send) -> None:
+    """Guest → client; the guest's close is passed on with its code."""
+    try:
+        async for data in upstream:
+            if isinstance(data, bytes):
+                await send({"type": "websocket.send", "bytes": data})
+            else:
+                await send({"type": "websocket.send", "text": data})
+    except ConnectionClosed:
+        pass
+    code = upstream.close_code or 1000
+    await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})

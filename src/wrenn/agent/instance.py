@@ -1,0 +1,226 @@
+"""A running VM and what it holds: a network slot, a run directory, the VMM process, envd
+clients, and (Firecracker) a page server. ``start`` acquires them in that order and pushes
+each undo step the moment its resource exists; ``Instance.close`` (and any failure during
+``start``) unwinds them all: VMM stopped, run directory removed, slot reset and returned.
+
+    start(ColdBoot)   slot → run dir → VMM boots the image → envd /health (bounded)
+    start(FromBuild)  slot → run dir → VMM restores the build → envd /health (bounded)
+
+The disk is not the instance's: it belongs to the sandbox and outlives a pause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from wrenn import log
+from wrenn.agent import leftovers
+from wrenn.agent.cleanup import finish
+from wrenn.agent.config import AgentSettings
+from wrenn.agent.envdclient import EnvdClient
+from wrenn.agent.images import GuestImage
+from wrenn.agent.memfiles import MemfileCache
+from wrenn.agent.network import Slot, SlotPool
+from wrenn.agent.runtime import Runtime
+from wrenn.agent.snapshots import DeviceInput, Manifest, SnapshotStore
+from wrenn.agent.vmm.base import NetworkAttachment, VmConfig, Vmm
+from wrenn.core.errors import DeadlineExceeded, Unavailable
+
+_log = log.get(__name__)
+
+ENVD_PORT = 49983
+
+
+class GuestFailed(Unavailable):
+    """The VMM died or the guest never answered; the message carries the logs' tail."""
+
+
+@dataclass(frozen=True)
+class HostResources:
+    """What every instance on this host draws from."""
+
+    settings: AgentSettings
+    runtime: Runtime
+    pool: SlotPool
+    store: SnapshotStore
+    memfiles: MemfileCache
+    #: Parent of every VM's run directory.
+    vm_root: Path
+
+
+@dataclass(frozen=True)
+class ColdBoot:
+    """Boot the image's kernel on the disk (template builds only)."""
+
+
+@dataclass(frozen=True)
+class FromBuild:
+    build_id: uuid.UUID
+    #: True: the build's memory is shared by every VM restored from it (templates, named
+    #: snapshots); False: a paused sandbox's own build, materialised for this VM alone.
+    shared: bool
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the VM is made of."""
+
+    image: GuestImage
+    vcpus: int
+    memory_mib: int
+    disk: Path
+    internet_access: bool = False
+
+
+class Instance:
+    def __init__(
+        self,
+        slot: Slot,
+        vmm: Vmm,
+        envd: EnvdClient,
+        run_dir: Path,
+        stack: contextlib.AsyncExitStack,
+        runtime: Runtime,
+    ) -> None:
+        self.slot = slot
+        self.vmm = vmm
+        self.envd = envd
+        self.run_dir = run_dir
+        self._stack = stack
+        self._runtime = runtime
+
+    @property
+    def address(self) -> str:
+        """The host-reachable address of the guest (every port)."""
+        return self.slot.sandbox_ip
+
+    def logs(self) -> str:
+        return self._runtime.logs(self.vmm)
+
+    async def capture(
+        self, store: SnapshotStore, build_id: uuid.UUID, parent: uuid.UUID | None
+    ) -> Manifest:
+        """envd ``/snapshot/prepare`` → close the agent's idle envd connections (their FINs
+        reach the guest while it still runs) → pause → snapshot → store the build (memory as a
+        diff over ``parent``'s, generation 0 without one). Leaves the VM paused: the caller
+        resumes it or closes the instance."""
+        await self.envd.prepare_snapshot()
+        await self.envd.close_idle()
+        await self.vmm.pause()
+        dest = self.run_dir / "snapshot"
+        try:
+            files = await self.vmm.snapshot(dest)
+            return await store.create(
+                build_id,
+                parent=parent,
+                devices={"memfile": DeviceInput(source=files.memfile)},
+                files={"state": files.state},
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, dest, ignore_errors=True)
+
+    async def close(self) -> None:
+        """Stop the VM and give back everything it held. Idempotent; runs to its end even if
+        the caller is cancelled."""
+        await finish(self._stack.aclose())
+
+
+async def _wait_envd(
+    runtime: Runtime, vmm: Vmm, envd: EnvdClient, timeout_s: float, what: str
+) -> float:
+    """Poll envd's /health; fail fast when the VMM exits, and after ``timeout_s``."""
+    start = time.monotonic()
+    while True:
+        if vmm.pid is None:
+            raise GuestFailed(f"the VM exited during {what}\n{runtime.logs(vmm)}")
+        if await envd.health():
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout_s:
+            raise DeadlineExceeded(
+                f"envd did not answer within {timeout_s:.0f} s of {what}\n{runtime.logs(vmm)}"
+            )
+        await asyncio.sleep(0.05)
+
+
+async def start(
+    host: HostResources,
+    *,
+    name: str,
+    shape: Shape,
+    source: ColdBoot | FromBuild,
+    envd_access_token: str | None = None,
+) -> Instance:
+    """A VM of ``shape`` running in a free slot with envd answering. ``envd_access_token``:
+    the token envd in a restored build already requires. Nothing is left behind on failure."""
+    runtime = host.runtime
+    stack = contextlib.AsyncExitStack()
+    try:
+        slot = await host.pool.acquire(internet_access=shape.internet_access)
+        stack.push_async_callback(host.pool.release, slot)
+
+        run_dir = host.vm_root / f"{name}-{uuid.uuid4().hex[:8]}"
+        await asyncio.to_thread(run_dir.mkdir, parents=True)
+        stack.callback(shutil.rmtree, run_dir, ignore_errors=True)
+
+        config = VmConfig(
+            vm_id=name,
+            vcpus=shape.vcpus,
+            memory_mib=shape.memory_mib,
+            kernel=runtime.kernel(shape.image),
+            initrd=shape.image.initrd,
+            rootfs=shape.disk,
+            run_dir=run_dir,
+            kernel_args=runtime.kernel_args(shape.image),
+            network=NetworkAttachment(tap=slot.tap_name, mac=slot.guest_mac, netns=slot.netns),
+        )
+        vmm = runtime.vmm(config)
+        stack.push_async_callback(vmm.stop)
+        if isinstance(source, ColdBoot):
+            what = "a cold boot"
+            timeout_s = host.settings.boot_timeout_s
+            await vmm.boot()
+        else:
+            what = "a restore"
+            timeout_s = host.settings.restore_timeout_s
+            build_id = source.build_id
+
+            async def flat_memfile() -> Path:
+                if source.shared:
+                    return await host.memfiles.get(build_id)
+                path = run_dir / "memfile"
+                await host.store.materialize(build_id, "memfile", path)
+                return path
+
+            await runtime.restore(
+                vmm,
+                store=host.store,
+                build_id=build_id,
+                flat_memfile=flat_memfile,
+                run_dir=run_dir,
+                stack=stack,
+            )
+        if vmm.pid is not None:
+            await asyncio.to_thread(leftovers.write_pid, run_dir, vmm.pid)
+
+        envd = EnvdClient(f"http://{slot.sandbox_ip}:{ENVD_PORT}", envd_access_token or None)
+        stack.push_async_callback(envd.aclose)
+        waited_s = await _wait_envd(runtime, vmm, envd, timeout_s, what)
+    except BaseException:
+        await finish(stack.aclose())
+        raise
+    _log.info(
+        "vm.ready",
+        vm=name,
+        slot=slot.index,
+        address=slot.sandbox_ip,
+        pid=vmm.pid,
+        source=what,
+        envd_wait_s=round(waited_s, 3),
+    )
+    return Instance(slot, vmm, envd, run_dir, stack, runtime)

@@ -1,0 +1,40 @@
+"""``wrenn-agent``: serve the host agent with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from wrenn import log
+from wrenn.agent import server
+from wrenn.agent.config import AgentSettings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="wrenn-agent", description="Wrenn's host agent")
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 5007)")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    settings = AgentSettings(**overrides)
+    log.configure(settings.log_level)
+    # One line per request to a guest's envd is noise; failures are logged where handled.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    config = uvicorn.Config(
+        server.build(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        # Forwarded streams (process output, file transfers) must not hold shutdown hostage.
+        timeout_graceful_shutdown=5,
+    )
+    uvicorn.Server(config).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,724 @@
+"""The sandbox manager: every sandbox on this host, the flows that move them between states,
+and the host resources they draw from.
+
+Start (``start``): the base image is found (or built), the runtime probed, what a crashed
+agent left is reaped (VMM processes and run directories; network namespaces, veths and nft
+tables by the slot pool; sandbox disks no paused sandbox owns; snapshot builds and template
+disk images nothing refers to), then the disk store is mounted, the slot pool built and the
+paused sandboxes loaded.
+
+Flows (each holds the sandbox's lock; see ``sandbox`` for the states):
+
+    create    source build (template or named snapshot) → CoW disk from its disk image →
+              slot → restore → envd /health → /init (env vars, token, user) → running
+    pause     envd /snapshot/prepare → close the agent's idle envd connections → pause →
+              snapshot (memory diffed over the parent build) → VM, slot, memory freed; the
+              disk stays; the sandbox is recorded in the catalog
+    resume    restore the pause build into any free slot → /init → running
+    snapshot  like pause, plus the disk image; then the VM resumes and /init undoes
+              /snapshot/prepare. New sandboxes spawn from it with its vCPUs and memory.
+    destroy   the sandbox's exit stack unwinds (VM, slot, run directory, disk), then builds
+              nothing refers to any more are deleted, children before parents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import metadata
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import psutil
+
+from wrenn import log
+from wrenn.agent import instance, leftovers, runtime
+from wrenn.agent.catalog import Catalog, SandboxRecord, SnapshotRecord, TemplateRecord
+from wrenn.agent.cleanup import finish
+from wrenn.agent.config import AgentSettings
+from wrenn.agent.disks import DiskStore
+from wrenn.agent.images import GuestImage, build_base
+from wrenn.agent.instance import FromBuild, HostResources, Instance, Shape
+from wrenn.agent.memfiles import MemfileCache
+from wrenn.agent.network import NetworkPlan, SlotPool
+from wrenn.agent.sandbox import Sandbox, SandboxState, SandboxView
+from wrenn.agent.snapshots import LocalSnapshotStore
+from wrenn.agent.templates import BASE_TEMPLATE, Templates, image_template_id
+from wrenn.agent.vmm.base import VmState
+from wrenn.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    WrennError,
+)
+
+_log = log.get(__name__)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_USER = "user"
+
+
+def _check_id(kind: str, value: str) -> str:
+    if not _ID_RE.match(value):
+        raise InvalidArgument(f"invalid {kind} id: {value!r}")
+    return value
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class CreateParams:
+    sandbox_id: str
+    template_id: str
+    snapshot_id: str | None = None
+    #: 0: the source's.
+    vcpus: int = 0
+    memory_mib: int = 0
+    env_vars: dict[str, str] = field(default_factory=dict)
+    envd_access_token: str = ""
+    allow_internet_access: bool = False
+    metadata: dict[str, str] = field(default_factory=dict)
+    default_user: str | None = None
+    default_workdir: str | None = None
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The build a new sandbox is restored from."""
+
+    build_id: uuid.UUID
+    template_id: str
+    snapshot_id: str | None
+    vcpus: int
+    memory_mib: int
+    image_dir: str
+    envd_version: str
+    envd_access_token: str
+
+
+@dataclass(frozen=True)
+class Metrics:
+    timestamp_ms: int
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+    vmm_rss_bytes: int
+    vmm_cpu_seconds: float
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    runtime: str
+    runtime_reason: str
+    vcpus: int
+    memory_bytes: int
+    memory_free_bytes: int
+    disk_bytes: int
+    disk_free_bytes: int
+    sandboxes: int
+    templates: list[TemplateRecord]
+    snapshots: list[SnapshotRecord]
+    version: str
+
+
+def _version() -> str:
+    try:
+        return metadata.version("wrenn")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+class Manager:
+    """Use ``start()`` / ``close()`` (the server's lifespan does)."""
+
+    def __init__(self, settings: AgentSettings) -> None:
+        self.settings = settings
+        state_dir = settings.state_dir
+        self.run_root = state_dir / "run"
+        self.store = LocalSnapshotStore(state_dir / "snapshots")
+        self.catalog = Catalog(state_dir / "catalog")
+        self.disks = DiskStore(state_dir / "disks")
+        self.memfiles = MemfileCache(self.run_root / "memfiles", self.store)
+        self.plan = NetworkPlan(
+            slot_count=settings.slots,
+            prefix=settings.network_prefix,
+            transit_pool=IPv4Network(settings.transit_pool),
+            sandbox_pool=IPv4Network(settings.sandbox_pool),
+        )
+        self.pool = SlotPool(self.plan)
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._stack = contextlib.AsyncExitStack()
+        self._gc_lock = asyncio.Lock()
+        self._snapshot_lock = asyncio.Lock()
+        #: Builds being written and not yet recorded anywhere: never collected.
+        self._pins: set[uuid.UUID] = set()
+        self._host: HostResources | None = None
+        self._templates: Templates | None = None
+        self.runtime_choice: runtime.RuntimeChoice | None = None
+
+    # -- start and stop ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await finish(self._stack.aclose())
+            raise
+
+    async def _start(self) -> None:
+        settings = self.settings
+        image = await self._base_image()
+        choice = await runtime.choose(settings, image)
+        self.runtime_choice = choice
+        _log.info("runtime.chosen", runtime=choice.label, reason=choice.reason)
+
+        vm_root = self.run_root / "vms"
+        reaped = await asyncio.to_thread(leftovers.reap, self.run_root, vm_root)
+        if not reaped.empty:
+            _log.warning("vms.reaped", pids=reaped.pids, run_dirs=reaped.run_dirs)
+        await asyncio.to_thread(self.memfiles.clear)
+        await self.store.sweep()
+        await self.catalog.load()
+
+        await self.disks.open()
+        self._stack.push_async_callback(self.disks.close)
+        await self.pool.start()
+        self._stack.push_async_callback(self.pool.close)
+        self._stack.push_async_callback(self._stop_sandboxes)
+
+        self._host = HostResources(
+            settings=settings,
+            runtime=runtime.Runtime(choice, settings),
+            pool=self.pool,
+            store=self.store,
+            memfiles=self.memfiles,
+            vm_root=vm_root,
+        )
+        self._templates = Templates(self._host, self.disks, self.catalog, image, self._pins)
+        await self._load_paused()
+        await self._reap_disks()
+        await self.collect_garbage()
+        _log.info(
+            "agent.started",
+            runtime=choice.label,
+            slots=settings.slots,
+            paused=len(self._sandboxes),
+            templates=len(self.catalog.templates.all()),
+            snapshots=len(self.catalog.snapshots.all()),
+        )
+
+    async def _base_image(self) -> GuestImage:
+        if self.settings.base_image_dir is not None:
+            return await asyncio.to_thread(GuestImage.load, self.settings.base_image_dir)
+        return await asyncio.to_thread(build_base, self.settings.state_dir)
+
+    async def _load_paused(self) -> None:
+        for record in self.catalog.sandboxes.all():
+            disk = self.disks.disk_path(record.disk_id)
+            if record.build_id is None or not await asyncio.to_thread(disk.exists):
+                _log.warning("sandbox.unrecoverable", sandbox_id=record.sandbox_id)
+                await self.catalog.sandboxes.delete(record.sandbox_id)
+                continue
+            sandbox = Sandbox(record, SandboxState.PAUSED)
+            sandbox.stack.push_async_callback(self._delete_disk, record.disk_id)
+            self._sandboxes[record.sandbox_id] = sandbox
+
+    async def _reap_disks(self) -> None:
+        """Sandbox disks of sandboxes that did not survive (running when the agent died)."""
+        owned = {s.record.disk_id for s in self._sandboxes.values()}
+        stale = [d for d in self.disks.disks() if d not in owned]
+        for disk_id in stale:
+            await self.disks.delete(disk_id)
+        if stale:
+            _log.warning("disks.reaped", disks=stale)
+
+    async def warm(self) -> None:
+        """Build the base template now rather than on the first create (a background task of
+        the server's lifespan; failures are logged and the next create tries again)."""
+        try:
+            await self._require_templates().base()
+            await self.collect_garbage()
+        except WrennError as err:
+            _log.error("template.warm_failed", template_id=BASE_TEMPLATE, error=err.message)
+
+    async def close(self) -> None:
+        """Stop every VM (running sandboxes are lost; paused ones stay recorded with their
+        disks), tear down the slots, unmount the disk store."""
+        await finish(self._stack.aclose())
+
+    async def _stop_sandboxes(self) -> None:
+        for sandbox in list(self._sandboxes.values()):
+            async with sandbox.lock:
+                if sandbox.state is SandboxState.PAUSED:
+                    continue
+                _log.warning("sandbox.lost_at_shutdown", sandbox_id=sandbox.sandbox_id)
+                with contextlib.suppress(WrennError, OSError):
+                    await finish(sandbox.stack.aclose())
+                self._sandboxes.pop(sandbox.sandbox_id, None)
+
+    def _require_host(self) -> HostResources:
+        if self._host is None:
+            raise FailedPrecondition("the agent has not started")
+        return self._host
+
+    def _require_templates(self) -> Templates:
+        if self._templates is None:
+            raise FailedPrecondition("the agent has not started")
+        return self._templates
+
+    async def _delete_disk(self, disk_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.disks.delete(disk_id)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def get(self, sandbox_id: str) -> Sandbox:
+        sandbox = self._sandboxes.get(sandbox_id)
+        if sandbox is None:
+            raise NotFound(f"sandbox {sandbox_id} not found")
+        return sandbox
+
+    def list(self) -> list[SandboxView]:
+        return [s.view() for s in self._sandboxes.values()]
+
+    def running_instance(self, sandbox_id: str) -> Instance:
+        """The VM of a running sandbox (the forwarding path dials its address)."""
+        return self.get(sandbox_id).running()
+
+    # -- create ------------------------------------------------------------------------------
+
+    async def _source(self, params: CreateParams) -> _Source:
+        if params.snapshot_id:
+            snap = self.catalog.snapshots.get(params.snapshot_id)
+            if snap is None:
+                raise NotFound(f"snapshot {params.snapshot_id} not found")
+            if params.template_id and params.template_id != snap.template_id:
+                raise InvalidArgument(
+                    f"snapshot {snap.snapshot_id} belongs to template {snap.template_id}, "
+                    f"not {params.template_id}"
+                )
+            if snap.runtime != self._require_host().runtime.label:
+                raise FailedPrecondition(
+                    f"snapshot {snap.snapshot_id} was taken by {snap.runtime}; this host runs "
+                    f"{self._require_host().runtime.label}"
+                )
+            return _Source(
+                snap.build_id,
+                snap.template_id,
+                snap.snapshot_id,
+                snap.vcpus,
+                snap.memory_mib,
+                snap.image_dir,
+                snap.envd_version,
+                snap.envd_access_token,
+            )
+        templates = self._require_templates()
+        if params.template_id == BASE_TEMPLATE:
+            tpl = await templates.base()
+        else:
+            found = self.catalog.templates.get(params.template_id)
+            if found is None or not await templates.usable(found):
+                raise NotFound(f"template {params.template_id!r} not found")
+            tpl = found
+        return _Source(
+            tpl.build_id,
+            tpl.template_id,
+            None,
+            tpl.vcpus,
+            tpl.memory_mib,
+            tpl.image_dir,
+            tpl.envd_version,
+            "",
+        )
+
+    @staticmethod
+    def _shape(params: CreateParams, source: _Source) -> tuple[int, int]:
+        """vCPUs and memory: the source's (a snapshot restores with what it was taken with)."""
+        host_cpus = os.cpu_count() or 1
+        host_mib = psutil.virtual_memory().total >> 20
+        if params.vcpus > host_cpus:
+            raise InvalidArgument(f"{params.vcpus} vCPUs asked; this host has {host_cpus}")
+        if params.memory_mib > host_mib:
+            raise InvalidArgument(f"{params.memory_mib} MiB asked; this host has {host_mib} MiB")
+        what = (
+            f"snapshot {source.snapshot_id}"
+            if source.snapshot_id
+            else f"template {source.template_id}"
+        )
+        for asked, fixed, unit in (
+            (params.vcpus, source.vcpus, "vCPUs"),
+            (params.memory_mib, source.memory_mib, "MiB of memory"),
+        ):
+            if asked and asked != fixed:
+                raise InvalidArgument(
+                    f"{what} runs with {fixed} {unit}; a sandbox restored from it cannot have "
+                    f"{asked}"
+                )
+        return source.vcpus, source.memory_mib
+
+    @staticmethod
+    def _check_memory(memory_mib: int) -> None:
+        available_mib = psutil.virtual_memory().available >> 20
+        if memory_mib > available_mib:
+            raise ResourceExhausted(
+                f"{memory_mib} MiB of memory asked; {available_mib} MiB available on this host"
+            )
+
+    async def create(self, params: CreateParams) -> SandboxView:
+        _check_id("sandbox", params.sandbox_id)
+        host = self._require_host()
+        if params.sandbox_id in self._sandboxes:
+            raise AlreadyExists(f"sandbox {params.sandbox_id} already exists")
+        placeholder = SandboxRecord(
+            sandbox_id=params.sandbox_id,
+            template_id=params.template_id,
+            snapshot_id=params.snapshot_id,
+            vcpus=params.vcpus,
+            memory_mib=params.memory_mib,
+            runtime=host.runtime.label,
+            image_dir="",
+            envd_version="",
+            started_at_ms=_now_ms(),
+            disk_id=params.sandbox_id,
+        )
+        sandbox = Sandbox(placeholder, SandboxState.STARTING)
+        self._sandboxes[params.sandbox_id] = sandbox
+        log_ = _log.bind(sandbox_id=params.sandbox_id)
+        async with sandbox.lock:
+            try:
+                source = await self._source(params)
+                # From here the source build counts as in use (collection, DeleteSnapshot).
+                sandbox.parent_build = source.build_id
+                vcpus, memory_mib = self._shape(params, source)
+                self._check_memory(memory_mib)
+                sandbox.record = placeholder.model_copy(
+                    update={
+                        "template_id": source.template_id,
+                        "snapshot_id": source.snapshot_id,
+                        "vcpus": vcpus,
+                        "memory_mib": memory_mib,
+                        "image_dir": source.image_dir,
+                        "envd_version": source.envd_version,
+                        "envd_access_token": params.envd_access_token or source.envd_access_token,
+                        "env_vars": dict(params.env_vars),
+                        "metadata": dict(params.metadata),
+                        "default_user": params.default_user or DEFAULT_USER,
+                        "default_workdir": params.default_workdir,
+                        "allow_internet_access": params.allow_internet_access,
+                    }
+                )
+                disk = await self.disks.clone(str(source.build_id), params.sandbox_id)
+                sandbox.stack.push_async_callback(self._delete_disk, params.sandbox_id)
+                sandbox.stack.push_async_callback(sandbox.stop_instance)
+                vm = await instance.start(
+                    host,
+                    name=params.sandbox_id,
+                    shape=self._shape_of(sandbox.record, disk),
+                    source=FromBuild(source.build_id, shared=True),
+                    envd_access_token=source.envd_access_token,
+                )
+                sandbox.instance = vm
+                sandbox.parent_build = source.build_id
+                await self._init(sandbox, vm)
+                sandbox.state = SandboxState.RUNNING
+            except BaseException:
+                await finish(sandbox.stack.aclose())
+                self._sandboxes.pop(params.sandbox_id, None)
+                raise
+        log_.info(
+            "sandbox.created",
+            template_id=sandbox.record.template_id,
+            snapshot_id=sandbox.record.snapshot_id,
+            build_id=str(sandbox.parent_build),
+            slot=vm.slot.index,
+        )
+        return sandbox.view()
+
+    @staticmethod
+    def _shape_of(record: SandboxRecord, disk: Path) -> Shape:
+        try:
+            image = GuestImage.load(Path(record.image_dir))
+        except (OSError, ValueError, KeyError) as err:
+            raise FailedPrecondition(
+                f"the guest image of sandbox {record.sandbox_id} is gone: {record.image_dir}"
+            ) from err
+        return Shape(
+            image=image,
+            vcpus=record.vcpus,
+            memory_mib=record.memory_mib,
+            disk=disk,
+            internet_access=record.allow_internet_access,
+        )
+
+    @staticmethod
+    async def _init(sandbox: Sandbox, vm: Instance) -> None:
+        """envd /init with the sandbox's settings (after a restore, it also closes the
+        connections that were open when the snapshot was taken)."""
+        record = sandbox.record
+        await vm.envd.init(
+            env_vars=record.env_vars,
+            access_token=record.envd_access_token or None,
+            default_user=record.default_user,
+            default_workdir=record.default_workdir,
+        )
+
+    # -- destroy -----------------------------------------------------------------------------
+
+    async def destroy(self, sandbox_id: str) -> None:
+        sandbox = self.get(sandbox_id)
+        async with sandbox.lock:
+            if self._sandboxes.get(sandbox_id) is not sandbox:
+                raise NotFound(f"sandbox {sandbox_id} not found")
+            sandbox.state = SandboxState.STOPPING
+            try:
+                await finish(sandbox.stack.aclose())
+            finally:
+                self._sandboxes.pop(sandbox_id, None)
+                await finish(self.catalog.sandboxes.delete(sandbox_id))
+        _log.info("sandbox.destroyed", sandbox_id=sandbox_id)
+        await finish(self.collect_garbage())
+
+    # -- pause and resume --------------------------------------------------------------------
+
+    async def pause(self, sandbox_id: str) -> uuid.UUID:
+        sandbox = self.get(sandbox_id)
+        async with sandbox.lock:
+            vm = sandbox.running()
+            sandbox.state = SandboxState.PAUSING
+            build_id = uuid.uuid4()
+            self._pins.add(build_id)
+            try:
+                try:
+                    await vm.capture(self.store, build_id, parent=sandbox.parent_build)
+                except BaseException:
+                    await finish(self._carry_on(sandbox, vm))
+                    raise
+                sandbox.record = sandbox.record.model_copy(update={"build_id": build_id})
+                await finish(self.catalog.sandboxes.put(sandbox.record))
+                sandbox.state = SandboxState.PAUSED
+                await sandbox.stop_instance()
+            finally:
+                self._pins.discard(build_id)
+        _log.info("sandbox.paused", sandbox_id=sandbox_id, build_id=str(build_id))
+        return build_id
+
+    async def _carry_on(self, sandbox: Sandbox, vm: Instance) -> None:
+        """After a capture (failed, or a named snapshot): resume the VM and undo
+        /snapshot/prepare with /init. A sandbox that cannot go on is marked failed."""
+        try:
+            if vm.vmm.state is VmState.PAUSED:
+                await vm.vmm.resume()
+            await self._init(sandbox, vm)
+        except (WrennError, OSError) as err:
+            _log.error("sandbox.failed", sandbox_id=sandbox.sandbox_id, error=str(err))
+            sandbox.state = SandboxState.FAILED
+            return
+        sandbox.state = SandboxState.RUNNING
+
+    async def resume(
+        self, sandbox_id: str, *, envd_access_token: str = "", allow_internet_access: bool = False
+    ) -> SandboxView:
+        host = self._require_host()
+        sandbox = self.get(sandbox_id)
+        async with sandbox.lock:
+            sandbox.require(SandboxState.PAUSED)
+            record = sandbox.record
+            assert record.build_id is not None
+            build_id = record.build_id
+            sandbox.state = SandboxState.STARTING
+            try:
+                resumed = record.model_copy(update={"allow_internet_access": allow_internet_access})
+                vm = await instance.start(
+                    host,
+                    name=sandbox_id,
+                    shape=self._shape_of(resumed, self.disks.disk_path(record.disk_id)),
+                    source=FromBuild(build_id, shared=False),
+                    envd_access_token=record.envd_access_token,
+                )
+                sandbox.instance = vm
+                sandbox.parent_build = build_id
+                sandbox.record = resumed.model_copy(
+                    update={
+                        "build_id": None,
+                        "envd_access_token": envd_access_token or record.envd_access_token,
+                    }
+                )
+                await self._init(sandbox, vm)
+            except BaseException:
+                await finish(sandbox.stop_instance())
+                sandbox.record = record
+                sandbox.state = SandboxState.PAUSED
+                raise
+            sandbox.state = SandboxState.RUNNING
+            await finish(self.catalog.sandboxes.delete(sandbox_id))
+        _log.info(
+            "sandbox.resumed", sandbox_id=sandbox_id, build_id=str(build_id), slot=vm.slot.index
+        )
+        return sandbox.view()
+
+    # -- named snapshots ---------------------------------------------------------------------
+
+    async def create_snapshot(self, sandbox_id: str, snapshot_id: str) -> SnapshotRecord:
+        """Snapshot a running sandbox as ``snapshot_id``; the sandbox keeps running (its
+        connections that were open end, as with a pause)."""
+        _check_id("snapshot", snapshot_id)
+        sandbox = self.get(sandbox_id)
+        async with self._snapshot_lock:
+            if self.catalog.snapshots.get(snapshot_id) is not None:
+                raise AlreadyExists(f"snapshot {snapshot_id} already exists")
+            async with sandbox.lock:
+                vm = sandbox.running()
+                sandbox.state = SandboxState.PAUSING
+                build_id = uuid.uuid4()
+                self._pins.add(build_id)
+                try:
+                    async with contextlib.AsyncExitStack() as undo:
+                        try:
+                            manifest = await vm.capture(
+                                self.store, build_id, parent=sandbox.parent_build
+                            )
+                            undo.push_async_callback(self._forget_build, build_id)
+                            disk = self.disks.disk_path(sandbox.record.disk_id)
+                            await self.disks.import_template(str(build_id), disk)
+                            size = sum(f.size_bytes for f in manifest.files.values())
+                            record = SnapshotRecord(
+                                snapshot_id=snapshot_id,
+                                build_id=build_id,
+                                template_id=sandbox.record.template_id,
+                                vcpus=sandbox.record.vcpus,
+                                memory_mib=sandbox.record.memory_mib,
+                                runtime=sandbox.record.runtime,
+                                image_dir=sandbox.record.image_dir,
+                                envd_version=sandbox.record.envd_version,
+                                envd_access_token=sandbox.record.envd_access_token,
+                                disk_size_bytes=(await asyncio.to_thread(disk.stat)).st_size,
+                                size_bytes=size,
+                                created_at_ms=_now_ms(),
+                            )
+                            await self.catalog.snapshots.put(record)
+                            undo.pop_all()
+                        finally:
+                            await finish(self._carry_on(sandbox, vm))
+                finally:
+                    self._pins.discard(build_id)
+        _log.info(
+            "snapshot.created",
+            sandbox_id=sandbox_id,
+            snapshot_id=snapshot_id,
+            build_id=str(build_id),
+        )
+        return record
+
+    async def _forget_build(self, build_id: uuid.UUID) -> None:
+        with contextlib.suppress(NotFound):
+            await self.store.delete(build_id)
+        with contextlib.suppress(NotFound):
+            await self.disks.delete_template(str(build_id))
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        async with self._snapshot_lock:
+            record = self.catalog.snapshots.get(snapshot_id)
+            if record is None:
+                raise NotFound(f"snapshot {snapshot_id} not found")
+            dependents = await self.store.dependents(record.build_id)
+            users = sorted(
+                s.sandbox_id for s in self._sandboxes.values() if s.parent_build == record.build_id
+            )
+            if dependents or users:
+                what = [f"{len(dependents)} build(s)"] if dependents else []
+                what += [f"sandbox(es) {', '.join(users)}"] if users else []
+                raise FailedPrecondition(
+                    f"snapshot {snapshot_id} is still used by {' and '.join(what)}"
+                )
+            await self.catalog.snapshots.delete(snapshot_id)
+        _log.info("snapshot.deleted", snapshot_id=snapshot_id, build_id=str(record.build_id))
+        await finish(self.collect_garbage())
+
+    # -- garbage -----------------------------------------------------------------------------
+
+    def _referenced(self) -> set[uuid.UUID]:
+        builds = {t.build_id for t in self.catalog.templates.all()}
+        builds |= {s.build_id for s in self.catalog.snapshots.all()}
+        for sandbox in self._sandboxes.values():
+            builds |= {b for b in (sandbox.record.build_id, sandbox.parent_build) if b}
+        return builds | self._pins
+
+    async def collect_garbage(self) -> None:
+        """Delete snapshot builds and template disk images nothing refers to: no template,
+        named snapshot or sandbox, and no other build reading from them (children first)."""
+        async with self._gc_lock:
+            deleted: list[uuid.UUID] = []
+            while True:
+                referenced = self._referenced()
+                candidates = [b for b in await self.store.builds() if b not in referenced]
+                progress = False
+                for build_id in candidates:
+                    if await self.store.dependents(build_id):
+                        continue
+                    await self.store.delete(build_id)
+                    await self.memfiles.drop(build_id)
+                    deleted.append(build_id)
+                    progress = True
+                if not progress:
+                    break
+            keep = {str(b) for b in self._referenced()}
+            if self._templates is not None:
+                keep.add(image_template_id(self._templates.base_image))
+            images = [t for t in self.disks.templates() if t not in keep]
+            for template_id in images:
+                with contextlib.suppress(NotFound):
+                    await self.disks.delete_template(template_id)
+        if deleted or images:
+            _log.info("garbage.collected", builds=[str(b) for b in deleted], disk_images=images)
+
+    # -- reports -----------------------------------------------------------------------------
+
+    async def metrics(self, sandbox_id: str) -> Metrics:
+        sandbox = self.get(sandbox_id)
+        async with sandbox.lock:
+            vm = sandbox.running()
+            guest = await vm.envd.metrics()
+            vmm = await vm.vmm.metrics()
+        return Metrics(
+            timestamp_ms=_now_ms(),
+            cpu_count=int(guest.get("cpu_count", sandbox.record.vcpus)),
+            cpu_used_pct=float(guest.get("cpu_used_pct", 0.0)),
+            mem_used_bytes=int(guest.get("mem_used", 0)),
+            mem_total_bytes=int(guest.get("mem_total", 0)),
+            disk_used_bytes=int(guest.get("disk_used", 0)),
+            disk_total_bytes=int(guest.get("disk_total", 0)),
+            vmm_rss_bytes=vmm.rss_bytes,
+            vmm_cpu_seconds=vmm.cpu_seconds,
+        )
+
+    async def host_info(self) -> HostInfo:
+        choice = self.runtime_choice
+        if choice is None:
+            raise FailedPrecondition("the agent has not started")
+        memory = psutil.virtual_memory()
+        disk = await self.disks.stats()
+        return HostInfo(
+            runtime=choice.label,
+            runtime_reason=choice.reason,
+            vcpus=os.cpu_count() or 1,
+            memory_bytes=memory.total,
+            memory_free_bytes=memory.available,
+            disk_bytes=disk.total_bytes,
+            disk_free_bytes=disk.free_bytes,
+            sandboxes=sum(1 for s in self._sandboxes.values() if s.state != SandboxState.PAUSED),
+            templates=self.catalog.templates.all(),
+            snapshots=self.catalog.snapshots.all(),
+            version=_version(),
+        )

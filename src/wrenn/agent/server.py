@@ -1,0 +1,214 @@
+"""The agent's ASGI application: the HostAgent Connect service (proto/hostagent), the
+forwarding path under ``/sandboxes/``, and ``GET /health``. Thin: messages are translated to
+the manager's calls and back; errors are mapped once, by ``edge``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from wrenn.agent import forward
+from wrenn.agent.catalog import SnapshotRecord
+from wrenn.agent.config import AgentSettings
+from wrenn.agent.edge import ErrorInterceptor
+from wrenn.agent.manager import CreateParams, Manager
+from wrenn.agent.sandbox import SandboxState, SandboxView
+from wrenn.gen.hostagent import hostagent_pb as pb
+from wrenn.gen.hostagent.hostagent_connect import HostAgent, HostAgentASGIApplication
+
+_STATES = {
+    SandboxState.STARTING: pb.SandboxState.STARTING,
+    SandboxState.RUNNING: pb.SandboxState.RUNNING,
+    SandboxState.PAUSING: pb.SandboxState.PAUSING,
+    SandboxState.PAUSED: pb.SandboxState.PAUSED,
+    SandboxState.STOPPING: pb.SandboxState.STOPPING,
+    SandboxState.FAILED: pb.SandboxState.FAILED,
+}
+
+
+def _sandbox(view: SandboxView) -> pb.SandboxInfo:
+    return pb.SandboxInfo(
+        sandbox_id=view.sandbox_id,
+        template_id=view.template_id,
+        state=_STATES[view.state],
+        vcpus=view.vcpus,
+        memory_mib=view.memory_mib,
+        started_at_ms=view.started_at_ms,
+        envd_version=view.envd_version,
+        build_id=str(view.build_id) if view.build_id else None,
+        address=view.address,
+    )
+
+
+def _snapshot(record: SnapshotRecord) -> pb.SnapshotInfo:
+    return pb.SnapshotInfo(
+        snapshot_id=record.snapshot_id,
+        template_id=record.template_id,
+        vcpus=record.vcpus,
+        memory_mib=record.memory_mib,
+        size_bytes=record.size_bytes,
+        created_at_ms=record.created_at_ms,
+    )
+
+
+class HostAgentService(HostAgent):
+    """Implements the generated ``HostAgent`` protocol on a ``Manager``."""
+
+    def __init__(self, manager: Manager) -> None:
+        self._manager = manager
+
+    async def create_sandbox(
+        self, request: pb.CreateSandboxRequest, ctx: Any, /
+    ) -> pb.CreateSandboxResponse:
+        view = await self._manager.create(
+            CreateParams(
+                sandbox_id=request.sandbox_id,
+                template_id=request.template_id,
+                snapshot_id=request.snapshot_id or None,
+                vcpus=request.vcpus,
+                memory_mib=request.memory_mib,
+                env_vars=dict(request.env_vars),
+                envd_access_token=request.envd_access_token,
+                allow_internet_access=request.allow_internet_access,
+                metadata=dict(request.metadata),
+                default_user=request.default_user or None,
+                default_workdir=request.default_workdir or None,
+            )
+        )
+        return pb.CreateSandboxResponse(sandbox=_sandbox(view))
+
+    async def destroy_sandbox(
+        self, request: pb.DestroySandboxRequest, ctx: Any, /
+    ) -> pb.DestroySandboxResponse:
+        await self._manager.destroy(request.sandbox_id)
+        return pb.DestroySandboxResponse()
+
+    async def pause_sandbox(
+        self, request: pb.PauseSandboxRequest, ctx: Any, /
+    ) -> pb.PauseSandboxResponse:
+        build_id = await self._manager.pause(request.sandbox_id)
+        return pb.PauseSandboxResponse(build_id=str(build_id))
+
+    async def resume_sandbox(
+        self, request: pb.ResumeSandboxRequest, ctx: Any, /
+    ) -> pb.ResumeSandboxResponse:
+        view = await self._manager.resume(
+            request.sandbox_id,
+            envd_access_token=request.envd_access_token,
+            allow_internet_access=request.allow_internet_access,
+        )
+        return pb.ResumeSandboxResponse(sandbox=_sandbox(view))
+
+    async def create_snapshot(
+        self, request: pb.CreateSnapshotRequest, ctx: Any, /
+    ) -> pb.CreateSnapshotResponse:
+        record = await self._manager.create_snapshot(request.sandbox_id, request.snapshot_id)
+        return pb.CreateSnapshotResponse(snapshot=_snapshot(record))
+
+    async def delete_snapshot(
+        self, request: pb.DeleteSnapshotRequest, ctx: Any, /
+    ) -> pb.DeleteSnapshotResponse:
+        await self._manager.delete_snapshot(request.snapshot_id)
+        return pb.DeleteSnapshotResponse()
+
+    async def list_sandboxes(
+        self, request: pb.ListSandboxesRequest, ctx: Any, /
+    ) -> pb.ListSandboxesResponse:
+        return pb.ListSandboxesResponse(sandboxes=[_sandbox(v) for v in self._manager.list()])
+
+    async def get_sandbox_metrics(
+        self, request: pb.GetSandboxMetricsRequest, ctx: Any, /
+    ) -> pb.GetSandboxMetricsResponse:
+        m = await self._manager.metrics(request.sandbox_id)
+        return pb.GetSandboxMetricsResponse(
+            metrics=pb.SandboxMetrics(
+                timestamp_ms=m.timestamp_ms,
+                cpu_count=m.cpu_count,
+                cpu_used_pct=m.cpu_used_pct,
+                mem_used_bytes=m.mem_used_bytes,
+                mem_total_bytes=m.mem_total_bytes,
+                disk_used_bytes=m.disk_used_bytes,
+                disk_total_bytes=m.disk_total_bytes,
+                vmm_rss_bytes=m.vmm_rss_bytes,
+                vmm_cpu_seconds=m.vmm_cpu_seconds,
+            )
+        )
+
+    async def get_host_info(
+        self, request: pb.GetHostInfoRequest, ctx: Any, /
+    ) -> pb.GetHostInfoResponse:
+        info = await self._manager.host_info()
+        return pb.GetHostInfoResponse(
+            runtime=info.runtime,
+            runtime_reason=info.runtime_reason,
+            vcpus=info.vcpus,
+            memory_bytes=info.memory_bytes,
+            memory_free_bytes=info.memory_free_bytes,
+            disk_bytes=info.disk_bytes,
+            disk_free_bytes=info.disk_free_bytes,
+            sandboxes=info.sandboxes,
+            templates=[
+                pb.TemplateInfo(
+                    template_id=t.template_id,
+                    build_id=str(t.build_id),
+                    vcpus=t.vcpus,
+                    memory_mib=t.memory_mib,
+                    size_bytes=t.disk_size_bytes,
+                    envd_version=t.envd_version,
+                )
+                for t in info.templates
+            ],
+            snapshots=[_snapshot(s) for s in info.snapshots],
+            version=info.version,
+        )
+
+
+async def _health(request: Request) -> Response:
+    return Response(status_code=204)
+
+
+def build(settings: AgentSettings) -> ASGIApp:
+    """The whole agent. Its lifespan starts the manager (and, unless turned off, builds the
+    base template in the background) and closes it at shutdown."""
+    manager = Manager(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await manager.start()
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                warm = tasks.create_task(manager.warm()) if settings.warm_base_template else None
+                try:
+                    yield
+                finally:
+                    if warm is not None:
+                        warm.cancel()
+        finally:
+            await manager.close()
+
+    def resolve(sandbox_id: str) -> forward.Target:
+        vm = manager.running_instance(sandbox_id)
+        return forward.Target(address=vm.address, client=vm.envd.streaming)
+
+    http = Starlette(routes=[Route("/health", _health, methods=["GET"])], lifespan=lifespan)
+    rpc = HostAgentASGIApplication(HostAgentService(manager), interceptors=[ErrorInterceptor()])
+    forwarder = forward.Forwarder(resolve)
+
+    async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] in ("http", "websocket") and path.startswith(forward.PREFIX):
+            await forwarder(scope, receive, send)
+        elif scope["type"] == "http" and path.startswith("/hostagent.HostAgent/"):
+            await rpc(scope, receive, send)
+        else:
+            await http(scope, receive, send)
+
+    return dispatch
