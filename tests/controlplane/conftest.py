@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +27,13 @@ import asyncpg
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import update
 
 from tests.conftest import free_port
 from tests.controlplane.fake_agent import FakeHostAgent
-from wrenn.controlplane import ControlPlane, ControlPlaneSettings, build
+from wrenn.controlplane import ControlPlaneSettings, Extension, ServerContext, build
+from wrenn.controlplane.db.tables import HostRow
+from wrenn.controlplane.reconciler import Reconciler
 
 T = TypeVar("T")
 
@@ -241,7 +244,12 @@ class Stack:
     """The control plane (real app, real database) with FakeHostAgent test doubles."""
 
     def __init__(
-        self, database_url: str, *, admin_key: str | None = None, **overrides: Any
+        self,
+        database_url: str,
+        *,
+        admin_key: str | None = None,
+        extensions: Sequence[Extension] = (),
+        **overrides: Any,
     ) -> None:
         self._state = tempfile.TemporaryDirectory(prefix="wrenn-cp-state-")
         values: dict[str, Any] = {
@@ -253,6 +261,14 @@ class Stack:
             "reserve_memory_mib": 0,
             "reserve_disk_mib": 0,
             "agent_timeout_s": 30,
+            # Tests run reconciliation passes themselves (``Stack.reconciler``); the
+            # background one only makes its first pass at start.
+            "reconcile_interval_s": 3600,
+            "webhook_poll_s": 0.05,
+            "webhook_backoff_base_s": 0.05,
+            "webhook_backoff_cap_s": 0.2,
+            "proxy_port": 0,
+            "proxy_cache_s": 0,
         }
         values.update(overrides)
         self.settings = ControlPlaneSettings(**values)
@@ -260,9 +276,9 @@ class Stack:
         self.hosts: list[FakeHost] = []
         self._served: list[Served] = []
         try:
-            self.app = build(self.settings, announce_bootstrap_key=False)
-            self.cp: ControlPlane = self.app.state.controlplane
-            self.api = self._serve(self.app)
+            self.app = build(self.settings, extensions, announce_bootstrap_key=False)
+            self.cp: ServerContext = self.app.state.context
+            self.api = self.serve(self.app)
             if admin_key is None:
                 assert self.cp.bootstrap_key is not None, "database was not empty"
                 admin_key = self.cp.bootstrap_key.api_key
@@ -272,7 +288,8 @@ class Stack:
             self.close()
             raise
 
-    def _serve(self, app: Any) -> Served:
+    def serve(self, app: Any) -> Served:
+        """Serve ``app`` on a loopback port in the stack's loop until the stack closes."""
         served = Served(self.loop, app)
         self._served.append(served)
         return served
@@ -285,9 +302,17 @@ class Stack:
         headers = {"X-API-Key": key} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
-    def add_host(self, agent: FakeHostAgent | None = None, *, heartbeat: bool = True) -> FakeHost:
+    def add_host(
+        self,
+        agent: FakeHostAgent | None = None,
+        *,
+        heartbeat: bool = True,
+        asgi: Any | None = None,
+    ) -> FakeHost:
+        """A FakeHostAgent registered (and heartbeating once); ``asgi`` serves something in
+        front of it (the forwarding path double) instead of its bare Connect service."""
         agent = agent or FakeHostAgent()
-        served = self._serve(agent.asgi())
+        served = self.serve(asgi if asgi is not None else agent.asgi())
         token = self.admin.post("/v1/hosts/tokens").json()["token"]
         reg = httpx.post(
             f"{self.url}/v1/hosts/register", json={"token": token, "address": served.url}
@@ -313,6 +338,37 @@ class Stack:
         team = self.admin.post("/v1/teams", json={"name": name}).json()
         key = self.admin.post(f"/v1/teams/{team['teamID']}/api-keys", json={"name": "k"}).json()
         return team["teamID"], key["key"]
+
+    def serve_proxy(self) -> str:
+        """Serve the sandbox proxy on a port of its own, as ``wrenn-cp`` does; its URL."""
+        return self.serve(self.app.state.proxy).url
+
+    def reconciler(self) -> Reconciler:
+        """A reconciler over this control plane; tests call ``tick`` through ``run``."""
+        ctx = self.cp
+        return Reconciler(
+            ctx.db,
+            ctx.hosts,
+            ctx.sandboxes,
+            ctx.scheduler,
+            ctx.events,
+            ctx.audit,
+            interval_s=self.settings.reconcile_interval_s,
+            lost_grace_s=self.settings.host_lost_grace_s,
+        )
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = 60) -> T:
+        """Run ``coro`` in the control plane's event loop."""
+        return self.loop.run(coro, timeout_s)
+
+    def update_host(self, host_id: str, **values: Any) -> None:
+        """Change a host's row behind the control plane's back (silent hosts, new address)."""
+
+        async def execute() -> None:
+            async with self.cp.db.engine.begin() as conn:
+                await conn.execute(update(HostRow).where(HostRow.id == host_id).values(**values))
+
+        self.run(execute())
 
     def host_of(self, sandbox_id: str) -> FakeHost:
         for host in self.hosts:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ class FakeSandbox:
     state: pb.SandboxState
     started_at_ms: int
     build_id: str | None = None
+    envd_version: str = ENVD_VERSION
 
     def info(self) -> pb.SandboxInfo:
         return pb.SandboxInfo(
@@ -41,7 +43,7 @@ class FakeSandbox:
             vcpus=self.vcpus,
             memory_mib=self.memory_mib,
             started_at_ms=self.started_at_ms,
-            envd_version=ENVD_VERSION,
+            envd_version=self.envd_version,
             build_id=self.build_id,
             address="127.0.0.1",
         )
@@ -60,6 +62,10 @@ class FakeHostAgent:
     calls: list[tuple[str, str]] = field(default_factory=list)
     #: RPC name → error raised (once) by the next call of it.
     fail_next: dict[str, ConnectError] = field(default_factory=dict)
+    #: Version of envd its sandboxes report.
+    envd_version: str = ENVD_VERSION
+    #: Called when a sandbox starts (create or resume), as a real agent runs envd's /init.
+    on_start: Callable[[FakeSandbox], Awaitable[None]] | None = None
 
     def asgi(self) -> Any:
         return HostAgentASGIApplication(self)
@@ -104,7 +110,10 @@ class FakeHostAgent:
             envd_access_token=request.envd_access_token,
             state=pb.SandboxState.RUNNING,
             started_at_ms=int(time.time() * 1000),
+            envd_version=self.envd_version,
         )
+        if self.on_start is not None:
+            await self.on_start(sandbox)
         self.sandboxes[sandbox.sandbox_id] = sandbox
         return pb.CreateSandboxResponse(sandbox=sandbox.info())
 
@@ -137,6 +146,8 @@ class FakeHostAgent:
         sandbox.state = pb.SandboxState.RUNNING
         sandbox.build_id = None
         sandbox.envd_access_token = request.envd_access_token
+        if self.on_start is not None:
+            await self.on_start(sandbox)
         return pb.ResumeSandboxResponse(sandbox=sandbox.info())
 
     async def create_snapshot(
@@ -225,7 +236,7 @@ class FakeHostAgent:
                     "cpuCount": c,
                     "memoryMB": m,
                     "diskSizeMB": 2048,
-                    "envdVersion": ENVD_VERSION,
+                    "envdVersion": self.envd_version,
                 }
                 for t, (c, m) in self.templates.items()
             ],

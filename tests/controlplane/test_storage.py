@@ -21,6 +21,9 @@ from wrenn.controlplane.db import Database
 from wrenn.controlplane.db.migrate import current_heads
 from wrenn.controlplane.db.tables import Base
 
+#: The newest revision the control plane ships.
+HEAD = "0002"
+
 EXTENSION_REVISION = '''
 """An extension's table."""
 import sqlalchemy as sa
@@ -61,10 +64,12 @@ async def test_migrations_match_the_models(database_url: str) -> None:
             "sandboxes",
             "snapshots",
             "audit_log",
+            "channels",
+            "deliveries",
         } <= tables
-        assert await current_heads(db.engine) == {"0001"}
+        assert await current_heads(db.engine) == {HEAD}
         await db.migrate()  # a second start changes nothing
-        assert await current_heads(db.engine) == {"0001"}
+        assert await current_heads(db.engine) == {HEAD}
         async with db.transaction() as tx:
             await tx.audit.record(action="test", target_type="t", target_id="1")
             assert await tx.audit.count() == 1
@@ -80,8 +85,8 @@ async def test_extension_migrations_run_after_ours(database_url: str) -> None:
         db = Database(database_url)
         try:
             await db.migrate([versions])
-            # ext0001 depends on 0001, so Alembic records only the extension's head.
-            assert await current_heads(db.engine) == {"ext0001"}
+            # ext0001 is a branch of its own that depends on 0001: both heads are recorded.
+            assert await current_heads(db.engine) == {HEAD, "ext0001"}
             async with db.engine.connect() as conn:
                 tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
                 diff = await conn.run_sync(_diff)
@@ -89,7 +94,7 @@ async def test_extension_migrations_run_after_ours(database_url: str) -> None:
             assert [(d[0], d[1].name) for d in diff] == [("remove_table", "myext_things")]
             assert {"myext_things", "sandboxes"} <= tables
             await db.migrate([versions])
-            assert await current_heads(db.engine) == {"ext0001"}
+            assert await current_heads(db.engine) == {HEAD, "ext0001"}
         finally:
             await db.aclose()
 

@@ -1,34 +1,71 @@
-"""Composition of the control plane: ``build`` makes the ASGI app, ``run`` serves it.
+"""Composition of the control plane: ``build`` makes the ASGI app, ``run`` is the whole process.
 
 Start-up (the app lifespan): migrations (ours, then each extension's), the bootstrap admin key
-on an empty database, then the lifecycle worker in a TaskGroup that lives as long as the app.
+on an empty database, then the workers — lifecycle, reconciler, webhook deliveries and every
+extension's — in one TaskGroup that lives as long as the app.
+
+Requests pass, outermost first: sandbox traffic goes to the proxy (``ProxyDispatch``); request
+id; NUL refusal; audit; extensions' middleware; error mapping; the routes.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import sys
 from collections.abc import AsyncIterator, Sequence
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI
 
 from wrenn import log
-from wrenn.controlplane import edge
-from wrenn.controlplane.bootstrap import bootstrap
+from wrenn.controlplane import bootstrap, edge
+from wrenn.controlplane.audit import Audit, AuditMiddleware
 from wrenn.controlplane.config import ControlPlaneSettings
-from wrenn.controlplane.context import ControlPlane
+from wrenn.controlplane.context import ServerContext
 from wrenn.controlplane.db import Database
-from wrenn.controlplane.extension import Extension
+from wrenn.controlplane.events import Events
+from wrenn.controlplane.extension import Extension, Worker, routers_of
 from wrenn.controlplane.hostpool import HostPool
 from wrenn.controlplane.lifecycle import LifecycleWorker
+from wrenn.controlplane.proxy import ProxyDispatch, SandboxProxy
+from wrenn.controlplane.reconciler import Reconciler
 from wrenn.controlplane.routes import ROUTERS
-from wrenn.controlplane.sandboxes import Sandboxes
+from wrenn.controlplane.sandboxes import Sandboxes, policy_of
+from wrenn.controlplane.scheduler import Scheduler
+from wrenn.controlplane.webhooks import RetryPolicy, WebhookWorker
 
 _log = log.get(__name__)
+
+
+def context(settings: ControlPlaneSettings, extensions: Sequence[Extension] = ()) -> ServerContext:
+    """Everything a control plane process owns, not started yet."""
+    db = Database(settings.resolved_database_url())
+    pool = HostPool(settings.agent_timeout_s)
+    events = Events()
+    placement = Scheduler(policy_of(settings))
+    return ServerContext(
+        config=settings,
+        db=db,
+        hosts=pool,
+        scheduler=placement,
+        sandboxes=Sandboxes(db, pool, settings, placement, events),
+        audit=Audit(db),
+        events=events,
+        extensions=list(extensions),
+    )
+
+
+async def _extension_worker(name: str, worker: Worker, ctx: ServerContext) -> None:
+    try:
+        await worker(ctx)
+    except Exception:
+        # Task boundary: one extension's failing worker must not stop the control plane.
+        _log.exception("extension.worker_failed", extension=name)
 
 
 def build(
@@ -37,44 +74,80 @@ def build(
     *,
     announce_bootstrap_key: bool = True,
 ) -> FastAPI:
-    """The control plane app; its ``ControlPlane`` is ``app.state.controlplane`` (after start,
-    ``bootstrap_key`` holds the key made on an empty database)."""
-    db = Database(settings.resolved_database_url())
-    pool = HostPool(settings.agent_timeout_s)
-    cp = ControlPlane(
-        settings=settings,
-        db=db,
-        hosts=pool,
-        sandboxes=Sandboxes(db, pool, settings),
-        extensions=list(extensions),
-    )
+    """The control plane app. ``app.state.context`` is its ``ServerContext`` (after start,
+    ``bootstrap_key`` holds the key made on an empty database); ``app.state.proxy`` the
+    sandbox proxy, which ``serve`` also puts on its own port."""
+    ctx = context(settings, extensions)
+    proxy = SandboxProxy(ctx)
     locations: list[Traversable | Path] = [
-        loc for ext in extensions for loc in ext.migration_locations()
+        ext.migrations for ext in extensions if ext.migrations is not None
     ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            await db.migrate(locations)
+            await ctx.db.migrate(locations)
             if settings.bootstrap:
-                cp.bootstrap_key = await bootstrap(db)
-                if cp.bootstrap_key is not None and announce_bootstrap_key:
+                ctx.bootstrap_key = await bootstrap.bootstrap(ctx.db)
+                if ctx.bootstrap_key is not None and announce_bootstrap_key:
                     print(
                         "wrenn-cp: created the admin team; its API key (shown once): "
-                        f"{cp.bootstrap_key.api_key}",
+                        f"{ctx.bootstrap_key.api_key}",
                         flush=True,
                     )
-            worker = LifecycleWorker(db, cp.sandboxes, settings.lifecycle_interval_s)
+            workers = {
+                "lifecycle": LifecycleWorker(
+                    ctx.db, ctx.sandboxes, ctx.audit, settings.lifecycle_interval_s
+                ).run(),
+                "reconciler": Reconciler(
+                    ctx.db,
+                    ctx.hosts,
+                    ctx.sandboxes,
+                    ctx.scheduler,
+                    ctx.events,
+                    ctx.audit,
+                    interval_s=settings.reconcile_interval_s,
+                    lost_grace_s=settings.host_lost_grace_s,
+                ).run(),
+                "webhooks": WebhookWorker(
+                    ctx.db,
+                    ctx.events,
+                    RetryPolicy(
+                        max_attempts=settings.webhook_max_attempts,
+                        base_s=settings.webhook_backoff_base_s,
+                        cap_s=settings.webhook_backoff_cap_s,
+                    ),
+                    timeout_s=settings.webhook_timeout_s,
+                    poll_s=settings.webhook_poll_s,
+                ).run(),
+            }
             async with asyncio.TaskGroup() as tg:
-                task = tg.create_task(worker.run(), name="lifecycle")
-                _log.info("controlplane.started", port=settings.port, database=db.dialect)
+                tasks = [tg.create_task(work, name=name) for name, work in workers.items()]
+                for ext in extensions:
+                    for worker in ext.workers:
+                        tasks.append(
+                            tg.create_task(
+                                _extension_worker(ext.name, worker, ctx), name=f"ext:{ext.name}"
+                            )
+                        )
+                ctx.started.set()
+                _log.info(
+                    "controlplane.started",
+                    port=settings.port,
+                    proxy_port=settings.proxy_port,
+                    database=ctx.db.dialect,
+                    extensions=[ext.name for ext in extensions],
+                )
                 try:
                     yield
                 finally:
-                    task.cancel()
+                    ctx.started.clear()
+                    for task in tasks:
+                        task.cancel()
         finally:
-            await pool.aclose()
-            await db.aclose()
+            await proxy.aclose()
+            await ctx.hosts.aclose()
+            await ctx.db.aclose()
 
     app = FastAPI(
         title="Wrenn control plane",
@@ -82,8 +155,14 @@ def build(
         summary="E2B-compatible sandbox API, plus Wrenn's own under /v1",
         lifespan=lifespan,
     )
-    app.state.controlplane = cp
+    app.state.context = ctx
+    app.state.proxy = proxy
+    for ext in extensions:
+        for entry in reversed(ext.middleware):
+            app.add_middleware(entry.cls, *entry.args, **entry.kwargs)
+    app.add_middleware(AuditMiddleware, audit=ctx.audit)
     edge.install(app)
+    app.add_middleware(ProxyDispatch, proxy=proxy)
     for router in ROUTERS:
         app.include_router(router)
 
@@ -92,26 +171,73 @@ def build(
         return None
 
     for ext in extensions:
-        ext.install(app, cp)
+        for router in routers_of(ext):
+            app.include_router(router)
     return app
 
 
-def run(
-    *, config: ControlPlaneSettings | None = None, extensions: Sequence[Extension] = ()
-) -> None:
-    """The whole control plane process: settings, logging, app, HTTP server."""
-    settings = config or ControlPlaneSettings()
-    log.configure(settings.log_level)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            build(settings, extensions),
+async def serve(app: FastAPI, settings: ControlPlaneSettings) -> bool:
+    """Serve the API and, on ``proxy_port``, the sandbox proxy, until a signal ends them;
+    whether the API started."""
+
+    def config(asgi: object, port: int, lifespan: Literal["on", "off"]) -> uvicorn.Config:
+        return uvicorn.Config(
+            asgi,  # type: ignore[arg-type]
             host=settings.host,
-            port=settings.port,
-            lifespan="on",
+            port=port,
+            lifespan=lifespan,
             log_config=None,
             access_log=False,
         )
-    )
-    server.run()
-    if not server.started:
+
+    api = uvicorn.Server(config(app, settings.port, "on"))
+    servers = [api]
+    if settings.proxy_port:
+        servers.append(uvicorn.Server(config(app.state.proxy, settings.proxy_port, "off")))
+
+    def end_all(_: object) -> None:
+        # One ending (a signal, a failed start) ends the others.
+        for server in servers:
+            server.should_exit = True
+
+    async with asyncio.TaskGroup() as tg:
+        for server in servers:
+            tg.create_task(server.serve()).add_done_callback(end_all)
+    return bool(api.started)
+
+
+def _commands(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="wrenn-cp", description="Wrenn control plane")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="serve the API and the sandbox proxy (the default)")
+    key = commands.add_parser("create-key", help="create a team and print an API key for it")
+    key.add_argument("--team", default="default", help="name of the new team")
+    key.add_argument("--admin", action="store_true", help="make the team an admin team")
+    commands.add_parser("create-host-token", help="print a one-time host registration token")
+    return parser.parse_args(argv)
+
+
+def run(
+    *,
+    extensions: Sequence[Extension] = (),
+    config: ControlPlaneSettings | None = None,
+    argv: Sequence[str] | None = None,
+) -> None:
+    """The whole control plane process: command line, settings, logging, app, servers.
+    A distribution with extensions calls this from its own entry point."""
+    args = _commands(argv)
+    settings = config or ControlPlaneSettings()
+    if args.command == "create-key":
+        made = asyncio.run(
+            bootstrap.create_key(
+                settings, team_name=args.team, admin=args.admin, extensions=extensions
+            )
+        )
+        print(f"team {made.team_id}\nAPI key (shown once): {made.api_key}")
+        return
+    if args.command == "create-host-token":
+        print(asyncio.run(bootstrap.create_host_token(settings, extensions=extensions)))
+        return
+    log.configure(settings.log_level)
+    if not asyncio.run(serve(build(settings, extensions), settings)):
         sys.exit(1)

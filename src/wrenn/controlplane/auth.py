@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from wrenn.controlplane.context import ControlPlane, current
+from wrenn.controlplane.context import ServerContext, current
 from wrenn.controlplane.db.records import Host, Principal
 from wrenn.core.errors import PermissionDenied, Unauthenticated
 
@@ -29,6 +29,7 @@ async def principal(
         found = await tx.teams.authenticate(secret)
     if found is None:
         raise Unauthenticated("invalid or revoked API key")
+    request.state.principal = found  # read by the audit middleware
     return found
 
 
@@ -50,10 +51,11 @@ async def host(
         found = await tx.hosts.authenticate(host_id, bearer.credentials)
     if found is None:
         raise Unauthenticated("invalid host id or secret")
+    request.state.host = found  # read by the audit middleware
     return found
 
 
 Team = Annotated[Principal, Depends(principal)]
 Admin = Annotated[Principal, Depends(admin)]
 HostAuth = Annotated[Host, Depends(host)]
-CP = Annotated[ControlPlane, Depends(current)]
+CP = Annotated[ServerContext, Depends(current)]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from wrenn.controlplane.config import ControlPlaneSettings
 from wrenn.controlplane.context import BootstrapKey
 from wrenn.controlplane.db import Database
+
+if TYPE_CHECKING:
+    from wrenn.controlplane.extension import Extension
+
+
+def _locations(extensions: Sequence[Extension]) -> list[Traversable | Path]:
+    return [ext.migrations for ext in extensions if ext.migrations is not None]
 
 
 async def bootstrap(db: Database) -> BootstrapKey | None:
@@ -21,12 +32,16 @@ async def bootstrap(db: Database) -> BootstrapKey | None:
 
 
 async def create_key(
-    settings: ControlPlaneSettings, *, team_name: str, admin: bool = False
+    settings: ControlPlaneSettings,
+    *,
+    team_name: str,
+    admin: bool = False,
+    extensions: Sequence[Extension] = (),
 ) -> BootstrapKey:
     """A new team named ``team_name`` and a key for it (the ``wrenn-cp create-key`` command)."""
     db = Database(settings.resolved_database_url())
     try:
-        await db.migrate()
+        await db.migrate(_locations(extensions))
         async with db.transaction() as tx:
             team = await tx.teams.create(team_name, is_admin=admin)
             _, secret = await tx.teams.create_key(team.id, "cli")
@@ -35,11 +50,13 @@ async def create_key(
         await db.aclose()
 
 
-async def create_host_token(settings: ControlPlaneSettings) -> str:
+async def create_host_token(
+    settings: ControlPlaneSettings, *, extensions: Sequence[Extension] = ()
+) -> str:
     """A one-time host registration token (the ``wrenn-cp create-host-token`` command)."""
     db = Database(settings.resolved_database_url())
     try:
-        await db.migrate()
+        await db.migrate(_locations(extensions))
         async with db.transaction() as tx:
             token, _ = await tx.hosts.create_token(timedelta(seconds=settings.host_token_ttl_s))
         return token

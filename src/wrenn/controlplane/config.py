@@ -45,6 +45,33 @@ class ControlPlaneSettings(BaseSettings):
     #: On first start with an empty database, create an admin team and print its API key.
     bootstrap: bool = True
 
+    # --- sandbox proxy ---
+    #: Port of the sandbox proxy (``E2b-Sandbox-Id`` header or ``{port}-{id}.{domain}`` Host);
+    #: 0: none of its own. The API port routes such requests to the proxy as well.
+    proxy_port: int = Field(default=3001, ge=0, le=65535)
+    #: Bound on connecting to a host agent's forwarding path (then 502, never a hang).
+    proxy_connect_timeout_s: float = Field(default=5.0, gt=0)
+    #: How long a request waits for a starting or resuming sandbox (incl. auto-resume).
+    proxy_resume_wait_s: float = Field(default=60.0, gt=0)
+    #: How long the proxy trusts what it looked up about a sandbox (changes made by this
+    #: process are seen at once; other replicas' after at most this).
+    proxy_cache_s: float = Field(default=1.0, ge=0)
+
+    # --- reconciler ---
+    #: How often the database is compared with what every live host runs.
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
+    #: A down host's running sandboxes are marked failed once it has been silent this much
+    #: longer than the heartbeat window (a network blip does not end them).
+    host_lost_grace_s: float = Field(default=300.0, ge=0)
+
+    # --- webhooks ---
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1, le=100)
+    webhook_backoff_base_s: float = Field(default=2.0, gt=0)
+    webhook_backoff_cap_s: float = Field(default=600.0, gt=0)
+    #: How often the webhook worker looks for retries coming due.
+    webhook_poll_s: float = Field(default=1.0, gt=0)
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

@@ -1,15 +1,24 @@
-"""What one control plane process owns; request handlers reach it through ``current``."""
+"""What one control plane process owns, handed to routes (``current``), background workers and
+extensions alike."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from fastapi import Request
+from starlette.requests import HTTPConnection
 
+from wrenn.controlplane.audit import Audit
 from wrenn.controlplane.config import ControlPlaneSettings
 from wrenn.controlplane.db import Database
+from wrenn.controlplane.events import Events
 from wrenn.controlplane.hostpool import HostPool
 from wrenn.controlplane.sandboxes import Sandboxes
+from wrenn.controlplane.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from wrenn.controlplane.extension import Extension
 
 
 @dataclass(frozen=True)
@@ -21,16 +30,23 @@ class BootstrapKey:
 
 
 @dataclass
-class ControlPlane:
-    settings: ControlPlaneSettings
+class ServerContext:
+    config: ControlPlaneSettings
     db: Database
+    #: Connect clients to the host agents.
     hosts: HostPool
+    scheduler: Scheduler
     sandboxes: Sandboxes
+    audit: Audit
+    events: Events
+    extensions: list[Extension] = field(default_factory=list)
     #: Set by the first start on an empty database; ``None`` otherwise.
     bootstrap_key: BootstrapKey | None = None
-    extensions: list[object] = field(default_factory=list)
+    #: Set once migrations ran and the workers started (the proxy answers 503 until then).
+    started: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def current(request: Request) -> ControlPlane:
-    cp: ControlPlane = request.app.state.controlplane
-    return cp
+def current(conn: HTTPConnection) -> ServerContext:
+    """The context of the app serving ``conn`` (a FastAPI dependency)."""
+    ctx: ServerContext = conn.app.state.context
+    return ctx

@@ -75,6 +75,11 @@ class AgentClient:
         req = pb.DeleteSnapshotRequest(snapshot_id=snapshot_id)
         await self._call("DeleteSnapshot", lambda: self._client.delete_snapshot(req))
 
+    async def list_sandboxes(self) -> list[pb.SandboxInfo]:
+        req = pb.ListSandboxesRequest()
+        resp = await self._call("ListSandboxes", lambda: self._client.list_sandboxes(req))
+        return list(resp.sandboxes)
+
     async def sandbox_metrics(self, sandbox_id: str) -> pb.SandboxMetrics | None:
         req = pb.GetSandboxMetricsRequest(sandbox_id=sandbox_id)
         resp = await self._call("GetSandboxMetrics", lambda: self._client.get_sandbox_metrics(req))

@@ -17,6 +17,7 @@ _ALPHABET = string.ascii_lowercase + string.digits
 API_KEY_PREFIX = "wrn_"
 HOST_SECRET_PREFIX = "wrnh_"
 HOST_TOKEN_PREFIX = "wrnr_"
+CHANNEL_SECRET_PREFIX = "whsec_"
 #: Characters of a key shown in listings (``wrn_`` plus eight).
 SHOWN_PREFIX_LEN = 12
 
@@ -63,6 +64,22 @@ def host_token() -> str:
 
 def envd_access_token() -> str:
     return secrets.token_urlsafe(32)
+
+
+def traffic_access_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def channel_id() -> str:
+    return "ch_" + _random(16)
+
+
+def channel_secret() -> str:
+    return CHANNEL_SECRET_PREFIX + secrets.token_hex(24)
+
+
+def event_id() -> str:
+    return "evt_" + _random(20)
 
 
 def digest(secret: str) -> str:

@@ -7,6 +7,7 @@ import asyncio
 from datetime import UTC, datetime
 
 from wrenn import log
+from wrenn.controlplane.audit import Audit
 from wrenn.controlplane.db import Database
 from wrenn.controlplane.db.records import Sandbox
 from wrenn.controlplane.sandboxes import Sandboxes
@@ -20,9 +21,10 @@ CONCURRENCY = 8
 
 
 class LifecycleWorker:
-    def __init__(self, db: Database, sandboxes: Sandboxes, interval_s: float) -> None:
+    def __init__(self, db: Database, sandboxes: Sandboxes, audit: Audit, interval_s: float) -> None:
         self._db = db
         self._sandboxes = sandboxes
+        self._audit = audit
         self._interval_s = interval_s
         self._limit = asyncio.Semaphore(CONCURRENCY)
 
@@ -50,10 +52,15 @@ class LifecycleWorker:
             try:
                 if sandbox.auto_pause:
                     await self._sandboxes.pause_sandbox(sandbox)
-                    _log.info("sandbox.expired", sandbox_id=sandbox.id, action="pause")
                 else:
                     await self._sandboxes.kill_sandbox(sandbox)
-                    _log.info("sandbox.expired", sandbox_id=sandbox.id, action="kill")
+                await self._audit.record(
+                    action="lifecycle.pause" if sandbox.auto_pause else "lifecycle.kill",
+                    target_type="sandboxes",
+                    target_id=sandbox.id,
+                    team_id=sandbox.team_id,
+                    details={"endAt": sandbox.end_at.isoformat()},
+                )
             except (NotFound, FailedPrecondition):
                 pass  # killed, paused or resumed by a request meanwhile
             except WrennError as err:

@@ -7,7 +7,8 @@ Invariants:
 - a sandbox another team owns, or one that is killed, is ``NotFound`` (never 403: ids do not
   leak across teams);
 - placement (choosing a host and recording the sandbox on it) is serialized in this process so
-  two creates cannot both take a host's last room.
+  two creates cannot both take a host's last room;
+- every finished change emits its event (``events``) in the transaction that records it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from wrenn.controlplane.db.records import (
 )
 from wrenn.controlplane.db.sandboxes import SandboxQuery
 from wrenn.controlplane.errors import Conflict
+from wrenn.controlplane.events import Events, EventType, sandbox_event
 from wrenn.controlplane.hostpool import AgentClient, HostPool
 from wrenn.core.errors import InvalidArgument, NotFound, Unavailable
 from wrenn.gen.hostagent import hostagent_pb as pb
@@ -55,6 +57,8 @@ class CreateSpec:
     auto_pause: bool = False
     auto_resume: bool = False
     allow_internet_access: bool | None = None
+    #: False: ports other than envd's need the sandbox's traffic access token.
+    public_traffic: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,20 +72,31 @@ class Metrics:
     disk_total_bytes: int
 
 
+def policy_of(settings: ControlPlaneSettings) -> scheduler.Policy:
+    return scheduler.Policy(
+        heartbeat_window=timedelta(seconds=settings.heartbeat_window_s),
+        reserve_vcpus=settings.reserve_vcpus,
+        reserve_memory_mib=settings.reserve_memory_mib,
+        reserve_disk_mib=settings.reserve_disk_mib,
+        cpu_overcommit=settings.cpu_overcommit,
+        sandbox_disk_mib=settings.sandbox_disk_mib,
+    )
+
+
 class Sandboxes:
-    def __init__(self, db: Database, pool: HostPool, settings: ControlPlaneSettings) -> None:
+    def __init__(
+        self,
+        db: Database,
+        pool: HostPool,
+        settings: ControlPlaneSettings,
+        placement: scheduler.Scheduler,
+        events: Events,
+    ) -> None:
         self._db = db
         self._pool = pool
         self._settings = settings
-        self._placement = asyncio.Lock()
-        self.policy = scheduler.Policy(
-            heartbeat_window=timedelta(seconds=settings.heartbeat_window_s),
-            reserve_vcpus=settings.reserve_vcpus,
-            reserve_memory_mib=settings.reserve_memory_mib,
-            reserve_disk_mib=settings.reserve_disk_mib,
-            cpu_overcommit=settings.cpu_overcommit,
-            sandbox_disk_mib=settings.sandbox_disk_mib,
-        )
+        self._scheduler = placement
+        self._events = events
 
     # --- lookups --------------------------------------------------------------------------
 
@@ -139,13 +154,11 @@ class Sandboxes:
             template_id = template.id
         demand = scheduler.Demand(vcpus, memory_mib, self._settings.sandbox_disk_mib)
         now = _now()
-        async with self._placement, self._db.transaction() as tx:
-            host = scheduler.place(
+        async with self._scheduler.placing(), self._db.transaction() as tx:
+            host = self._scheduler.place(
                 await tx.hosts.all(),
                 await tx.hosts.loads(),
                 demand,
-                self.policy,
-                now,
                 pinned_host_id=snapshot.host_id if snapshot else None,
                 pinned_reason=f"snapshot {snapshot.id}" if snapshot else "",
             )
@@ -170,6 +183,7 @@ class Sandboxes:
                 end_at=now + timedelta(seconds=timeout_s),
                 created_at=now,
                 metadata=dict(spec.metadata),
+                traffic_access_token=None if spec.public_traffic else ids.traffic_access_token(),
             )
             await tx.sandboxes.insert(sandbox)
         log_ = _log.bind(sandbox_id=sandbox.id, host_id=host.id)
@@ -188,8 +202,17 @@ class Sandboxes:
                     metadata=dict(spec.metadata),
                 )
             )
-        except BaseException:
-            await asyncio.shield(self._mark(sandbox.id, SandboxState.STARTING, SandboxState.FAILED))
+        except BaseException as err:
+            await asyncio.shield(
+                self._mark(
+                    sandbox.id,
+                    SandboxState.STARTING,
+                    SandboxState.FAILED,
+                    EventType.SANDBOX_FAILED,
+                    reason="create_failed",
+                    error=getattr(err, "message", type(err).__name__),
+                )
+            )
             raise
         started = _now()
         async with self._db.transaction() as tx:
@@ -202,21 +225,47 @@ class Sandboxes:
                 end_at=started + timedelta(seconds=timeout_s),
             )
             await tx.templates.record_spawn(template_id)
+            if running is not None:
+                await self._events.emit(
+                    tx,
+                    sandbox_event(
+                        EventType.SANDBOX_CREATED, running, snapshotID=running.snapshot_id
+                    ),
+                )
         if running is None:
             # Killed while it was starting: the kill found nothing on the host yet.
             log_.info("sandbox.killed_while_starting")
             await self._destroy_quietly(agent, sandbox.id)
             raise NotFound(f"sandbox {sandbox.id!r} was killed while starting")
-        log_.info("sandbox.created", template_id=template_id, snapshot_id=sandbox.snapshot_id)
         return running
 
-    async def _mark(self, sandbox_id: str, from_state: SandboxState, to: SandboxState) -> None:
+    async def _mark(
+        self,
+        sandbox_id: str,
+        from_state: SandboxState | frozenset[SandboxState],
+        to: SandboxState,
+        event: EventType | None = None,
+        **extra: object,
+    ) -> Sandbox | None:
+        """Compare-and-set the state; emits ``event`` when this call moved the sandbox."""
+        from_states = {from_state} if isinstance(from_state, SandboxState) else from_state
         ended = to in (SandboxState.FAILED, SandboxState.KILLED)
         async with self._db.transaction() as tx:
             if ended:
-                await tx.sandboxes.transition(sandbox_id, {from_state}, to, ended_at=_now())
+                moved = await tx.sandboxes.transition(sandbox_id, from_states, to, ended_at=_now())
             else:
-                await tx.sandboxes.transition(sandbox_id, {from_state}, to)
+                moved = await tx.sandboxes.transition(sandbox_id, from_states, to)
+            if moved is not None and event is not None:
+                await self._events.emit(tx, sandbox_event(event, moved, **extra))
+        return moved
+
+    async def mark_failed(
+        self, sandbox: Sandbox, from_states: frozenset[SandboxState], reason: str
+    ) -> Sandbox | None:
+        """Mark a sandbox failed (``sandbox.failed``) if it is still in ``from_states``."""
+        return await self._mark(
+            sandbox.id, from_states, SandboxState.FAILED, EventType.SANDBOX_FAILED, reason=reason
+        )
 
     async def _destroy_quietly(self, agent: AgentClient, sandbox_id: str) -> None:
         with contextlib.suppress(NotFound):
@@ -233,7 +282,7 @@ class Sandboxes:
             host = await tx.hosts.get(sandbox.host_id) if sandbox.host_id else None
         if moved is None:
             raise NotFound(f"sandbox {sandbox.id!r} not found")
-        if host is not None and scheduler.is_live(host, _now(), self.policy):
+        if host is not None and self._scheduler.is_live(host):
             await self._destroy_quietly(await self._pool.get(host), sandbox.id)
         else:
             # Nothing to ask: the host is gone or silent. What it still runs is reconciled
@@ -241,8 +290,9 @@ class Sandboxes:
             _log.warning(
                 "sandbox.killed_without_host", sandbox_id=sandbox.id, host_id=sandbox.host_id
             )
-        await self._mark(sandbox.id, SandboxState.STOPPING, SandboxState.KILLED)
-        _log.info("sandbox.killed", sandbox_id=sandbox.id)
+        await self._mark(
+            sandbox.id, SandboxState.STOPPING, SandboxState.KILLED, EventType.SANDBOX_KILLED
+        )
 
     # --- timeouts -------------------------------------------------------------------------
 
@@ -291,9 +341,10 @@ class Sandboxes:
             paused = await tx.sandboxes.transition(
                 sandbox.id, {SandboxState.PAUSING}, SandboxState.PAUSED, build_id=build_id or None
             )
+            if paused is not None:
+                await self._events.emit(tx, sandbox_event(EventType.SANDBOX_PAUSED, paused))
         if paused is None:
             raise NotFound(f"sandbox {sandbox.id!r} not found")
-        _log.info("sandbox.paused", sandbox_id=sandbox.id, build_id=build_id)
         return paused
 
     async def resume(
@@ -302,22 +353,24 @@ class Sandboxes:
         sandbox = await self.get(team_id, sandbox_id)
         if sandbox.state is SandboxState.RUNNING:
             raise Conflict(f"sandbox {sandbox.id!r} is already running")
-        return await self._resume(sandbox, timeout_s, auto_pause)
+        return await self.resume_sandbox(sandbox, timeout_s, auto_pause)
 
-    async def _resume(self, sandbox: Sandbox, timeout_s: int, auto_pause: bool | None) -> Sandbox:
+    async def resume_sandbox(
+        self, sandbox: Sandbox, timeout_s: int, auto_pause: bool | None = None
+    ) -> Sandbox:
+        """Resume a paused sandbox on its host; ``Conflict`` when it is not paused (or another
+        caller resumes it first)."""
         self.check_timeout(timeout_s)
         if sandbox.state is not SandboxState.PAUSED:
             raise Conflict(f"sandbox {sandbox.id!r} is {sandbox.state.value}, not paused")
         demand = scheduler.Demand(
             sandbox.vcpus, sandbox.memory_mib, self._settings.sandbox_disk_mib
         )
-        async with self._placement, self._db.transaction() as tx:
-            host = scheduler.place(
+        async with self._scheduler.placing(), self._db.transaction() as tx:
+            host = self._scheduler.place(
                 await tx.hosts.all(),
                 await tx.hosts.loads(),
                 demand,
-                self.policy,
-                _now(),
                 pinned_host_id=sandbox.host_id or "",
                 pinned_reason=f"paused sandbox {sandbox.id}",
             )
@@ -350,10 +403,11 @@ class Sandboxes:
             running = await tx.sandboxes.transition(
                 sandbox.id, {SandboxState.RESUMING}, SandboxState.RUNNING, **values
             )
+            if running is not None:
+                await self._events.emit(tx, sandbox_event(EventType.SANDBOX_RESUMED, running))
         if running is None:
             await self._destroy_quietly(agent, sandbox.id)
             raise NotFound(f"sandbox {sandbox.id!r} was killed while resuming")
-        _log.info("sandbox.resumed", sandbox_id=sandbox.id)
         return running
 
     async def connect(self, team_id: str, sandbox_id: str, timeout_s: int) -> tuple[Sandbox, bool]:
@@ -362,7 +416,7 @@ class Sandboxes:
         self.check_timeout(timeout_s)
         sandbox = await self.get(team_id, sandbox_id)
         if sandbox.state is SandboxState.PAUSED:
-            return await self._resume(sandbox, timeout_s, None), True
+            return await self.resume_sandbox(sandbox, timeout_s, None), True
         if sandbox.state is not SandboxState.RUNNING:
             raise Conflict(f"sandbox {sandbox.id!r} is {sandbox.state.value}; retry shortly")
         end_at = max(sandbox.end_at, _now() + timedelta(seconds=timeout_s))
@@ -424,7 +478,7 @@ class Sandboxes:
         snapshot = await self.get_snapshot(team_id, ref)
         async with self._db.transaction() as tx:
             host = await tx.hosts.get(snapshot.host_id) if snapshot.host_id else None
-        if host is not None and scheduler.is_live(host, _now(), self.policy):
+        if host is not None and self._scheduler.is_live(host):
             await self._delete_on_agent(await self._pool.get(host), snapshot.id)
         async with self._db.transaction() as tx:
             await tx.snapshots.delete(snapshot.id)

@@ -10,14 +10,16 @@ one host, a paused sandbox's disk) is pinned to that host and fails rather than 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from wrenn.controlplane.db.records import Host, HostLoad, HostStatus
 from wrenn.controlplane.errors import NoHostAvailable
 
-__all__ = ["Demand", "NoHostAvailable", "Policy", "headroom", "is_live", "place"]
+__all__ = ["Demand", "NoHostAvailable", "Policy", "Scheduler", "headroom", "is_live", "place"]
 
 
 @dataclass(frozen=True)
@@ -131,3 +133,40 @@ def place(
         detail = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items()))
         raise NoHostAvailable(f"no host can take a sandbox ({size}): {detail}")
     return chosen
+
+
+class Scheduler:
+    """The placement policy of this process, and the lock that serializes placements in it so
+    two placements cannot both take a host's last room."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def placing(self) -> AsyncIterator[None]:
+        """Hold while choosing a host and recording the sandbox on it."""
+        async with self._lock:
+            yield
+
+    def is_live(self, host: Host, now: datetime | None = None) -> bool:
+        return is_live(host, now or datetime.now(UTC), self.policy)
+
+    def place(
+        self,
+        hosts: Sequence[Host],
+        loads: Mapping[str, HostLoad],
+        demand: Demand,
+        *,
+        pinned_host_id: str | None = None,
+        pinned_reason: str = "",
+    ) -> Host:
+        return place(
+            hosts,
+            loads,
+            demand,
+            self.policy,
+            datetime.now(UTC),
+            pinned_host_id=pinned_host_id,
+            pinned_reason=pinned_reason,
+        )

@@ -9,7 +9,7 @@ on and WAL journaling, so concurrent writers queue instead of failing on a lock 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources.abc import Traversable
 from pathlib import Path
@@ -26,6 +26,8 @@ from sqlalchemy.ext.asyncio import (
 
 from wrenn.controlplane.db import migrate
 from wrenn.controlplane.db.audit import AuditRepository
+from wrenn.controlplane.db.channels import ChannelRepository
+from wrenn.controlplane.db.deliveries import DeliveryRepository
 from wrenn.controlplane.db.hosts import HostRepository
 from wrenn.controlplane.db.sandboxes import SandboxRepository
 from wrenn.controlplane.db.snapshots import SnapshotRepository
@@ -43,6 +45,13 @@ class Transaction:
         self.sandboxes = SandboxRepository(session)
         self.snapshots = SnapshotRepository(session)
         self.audit = AuditRepository(session)
+        self.channels = ChannelRepository(session)
+        self.deliveries = DeliveryRepository(session)
+        self._after_commit: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once this transaction has committed (not if it rolls back)."""
+        self._after_commit.append(callback)
 
 
 def _sqlite_pragmas(engine: AsyncEngine, *, file_backed: bool) -> None:
@@ -85,8 +94,12 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
-        async with self._sessions() as session, session.begin():
-            yield Transaction(session)
+        async with self._sessions() as session:
+            async with session.begin():
+                tx = Transaction(session)
+                yield tx
+            for callback in tx._after_commit:
+                callback()
 
     async def aclose(self) -> None:
         await self.engine.dispose()

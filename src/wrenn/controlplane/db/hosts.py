@@ -27,6 +27,7 @@ def _host(row: HostRow) -> Host:
         disk_free_mib=row.disk_free_mib,
         last_heartbeat_at=row.last_heartbeat_at,
         created_at=row.created_at,
+        down_at=row.down_at,
     )
 
 
@@ -83,10 +84,14 @@ class HostRepository:
             return None
         return _host(row)
 
-    async def heartbeat(self, host_id: str, capacity: Capacity) -> Host | None:
-        row = await self._s.get(HostRow, host_id)
+    async def heartbeat(self, host_id: str, capacity: Capacity) -> tuple[Host, bool] | None:
+        """Record a heartbeat; the host and whether it just came up (its first heartbeat, or
+        the first since it was marked down)."""
+        row = await self._s.get(HostRow, host_id, with_for_update=True)
         if row is None:
             return None
+        came_up = row.last_heartbeat_at is None or row.down_at is not None
+        row.down_at = None
         row.runtime = capacity.runtime
         row.version = capacity.version
         row.vcpus = capacity.vcpus
@@ -96,10 +101,29 @@ class HostRepository:
         row.disk_free_mib = capacity.disk_free_mib
         row.last_heartbeat_at = datetime.now(UTC)
         await self._s.flush()
-        return _host(row)
+        return _host(row), came_up
+
+    async def mark_down(self, host_id: str, silent_since: datetime) -> Host | None:
+        """Mark the host down if it is still silent since ``silent_since`` and not marked yet;
+        the host when this call marked it (exactly one caller wins)."""
+        now = datetime.now(UTC)
+        result = await self._s.execute(
+            update(HostRow)
+            .where(
+                HostRow.id == host_id,
+                HostRow.down_at.is_(None),
+                HostRow.last_heartbeat_at.is_not(None),
+                HostRow.last_heartbeat_at < silent_since,
+            )
+            .values(down_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if getattr(result, "rowcount", 0) != 1:
+            return None
+        return await self.get(host_id)
 
     async def get(self, host_id: str) -> Host | None:
-        row = await self._s.get(HostRow, host_id)
+        row = await self._s.get(HostRow, host_id, populate_existing=True)
         return _host(row) if row else None
 
     async def all(self) -> list[Host]:

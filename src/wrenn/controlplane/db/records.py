@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 
 class SandboxState(StrEnum):
@@ -89,6 +89,9 @@ class Host:
     disk_free_mib: int
     last_heartbeat_at: datetime | None
     created_at: datetime
+    #: When the host was found silent past the heartbeat window (``host.down``); cleared by
+    #: its next heartbeat (``host.up``).
+    down_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,10 @@ class Sandbox:
     end_at: datetime
     created_at: datetime
     metadata: dict[str, str] = field(default_factory=dict)
+    #: Required (``e2b-traffic-access-token``) on ports other than envd's when the sandbox
+    #: was created without public traffic; ``None``: its ports are public.
+    traffic_access_token: str | None = None
+    ended_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -187,3 +194,66 @@ class TemplateReport:
     memory_mib: int
     disk_mib: int
     envd_version: str = ""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    time: datetime
+    team_id: str | None
+    actor: str | None
+    action: str
+    target_type: str
+    target_id: str
+    result: str
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    team_id: str | None = None
+    actor: str | None = None
+    action: str | None = None
+    target_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 100
+    #: Entries older than this id (the cursor of the previous page).
+    before_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Channel:
+    """A webhook channel: where a team's events go and which ones."""
+
+    id: str
+    team_id: str
+    name: str
+    url: str
+    #: Event types or ``prefix.*`` patterns; empty means every event.
+    events: list[str]
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    channel_id: str
+    event_id: str
+    event_type: str
+    payload: dict[str, Any]
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime
+    last_status: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None

@@ -71,6 +71,8 @@ def _sandbox(row: SandboxRow, metadata: dict[str, str]) -> Sandbox:
         end_at=row.end_at,
         created_at=row.created_at,
         metadata=metadata,
+        traffic_access_token=row.traffic_access_token,
+        ended_at=row.ended_at,
     )
 
 
@@ -100,6 +102,7 @@ class SandboxRepository:
                 started_at=sandbox.started_at,
                 end_at=sandbox.end_at,
                 created_at=sandbox.created_at,
+                traffic_access_token=sandbox.traffic_access_token,
             )
         )
         await self._s.flush()  # the row first: metadata rows reference it
@@ -124,6 +127,14 @@ class SandboxRepository:
         if row is None:
             return None
         return _sandbox(row, (await self._metadata([row.id]))[row.id])
+
+    async def get_many(self, sandbox_ids: Collection[str]) -> dict[str, Sandbox]:
+        """The sandboxes of these ids that exist, by id."""
+        wanted = list(sandbox_ids)
+        if not wanted:
+            return {}
+        rows = list(await self._s.scalars(select(SandboxRow).where(SandboxRow.id.in_(wanted))))
+        return {s.id: s for s in await self._records(rows)}
 
     async def _records(self, rows: list[SandboxRow]) -> list[Sandbox]:
         metadata = await self._metadata(r.id for r in rows)

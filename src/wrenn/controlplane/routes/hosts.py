@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from wrenn.controlplane import scheduler
 from wrenn.controlplane.auth import CP, Admin, HostAuth
 from wrenn.controlplane.db.records import Capacity, Host, HostLoad, HostStatus, TemplateReport
+from wrenn.controlplane.events import EventType, host_event
 from wrenn.controlplane.schemas import wrenn as api
 from wrenn.core.errors import NotFound, Unauthenticated
 
@@ -39,7 +40,7 @@ async def create_token(cp: CP, _: Admin) -> api.HostToken:
     """A one-time token a host agent registers with (admin)."""
     async with cp.db.transaction() as tx:
         token, expires_at = await tx.hosts.create_token(
-            timedelta(seconds=cp.settings.host_token_ttl_s)
+            timedelta(seconds=cp.config.host_token_ttl_s)
         )
     return api.HostToken(token=token, expires_at=expires_at)
 
@@ -78,9 +79,12 @@ async def heartbeat(body: api.Heartbeat, host: HostAuth, cp: CP) -> api.Heartbea
         for t in body.templates
     ]
     async with cp.db.transaction() as tx:
-        updated = await tx.hosts.heartbeat(host.id, capacity)
+        beat = await tx.hosts.heartbeat(host.id, capacity)
+        assert beat is not None
+        updated, came_up = beat
         await tx.templates.record_reported(reports)
-    assert updated is not None
+        if came_up:
+            await cp.events.emit(tx, host_event(EventType.HOST_UP, updated, runtime=body.runtime))
     return api.HeartbeatAck(host_id=updated.id, status=updated.status.value)
 
 
@@ -89,7 +93,7 @@ async def list_hosts(cp: CP, _: Admin) -> list[api.HostOut]:
     async with cp.db.transaction() as tx:
         hosts = await tx.hosts.all()
         loads = await tx.hosts.loads()
-    return [host_out(h, loads.get(h.id), cp.sandboxes.policy) for h in hosts]
+    return [host_out(h, loads.get(h.id), cp.scheduler.policy) for h in hosts]
 
 
 async def _set_status(cp: CP, host_id: str, status: HostStatus) -> api.HostOut:
@@ -98,7 +102,7 @@ async def _set_status(cp: CP, host_id: str, status: HostStatus) -> api.HostOut:
         loads = await tx.hosts.loads()
     if host is None:
         raise NotFound(f"host {host_id[:64]!r} not found")
-    return host_out(host, loads.get(host.id), cp.sandboxes.policy)
+    return host_out(host, loads.get(host.id), cp.scheduler.policy)
 
 
 @router.post("/{host_id}/drain")

@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl, unquote
 from fastapi import APIRouter, Query, Response
 
 from wrenn.controlplane.auth import CP, Team
-from wrenn.controlplane.context import ControlPlane
+from wrenn.controlplane.context import ServerContext
 from wrenn.controlplane.db.records import Sandbox, SandboxState, Snapshot
 from wrenn.controlplane.db.sandboxes import SandboxQuery
 from wrenn.controlplane.sandboxes import CreateSpec
@@ -38,11 +38,11 @@ def api_state(state: SandboxState) -> e2b.SandboxState:
     return e2b.SandboxState.RUNNING
 
 
-def _domain(cp: ControlPlane) -> str | None:
-    return cp.settings.domain or None
+def _domain(cp: ServerContext) -> str | None:
+    return cp.config.domain or None
 
 
-def created(cp: ControlPlane, s: Sandbox) -> e2b.Sandbox:
+def created(cp: ServerContext, s: Sandbox) -> e2b.Sandbox:
     return e2b.Sandbox(
         template_id=s.template_id,
         sandbox_id=s.id,
@@ -50,6 +50,7 @@ def created(cp: ControlPlane, s: Sandbox) -> e2b.Sandbox:
         envd_version=s.envd_version,
         alias=s.alias,
         envd_access_token=s.envd_access_token,
+        traffic_access_token=s.traffic_access_token,
         domain=_domain(cp),
     )
 
@@ -71,7 +72,7 @@ def listed(s: Sandbox) -> e2b.ListedSandbox:
     )
 
 
-def detail(cp: ControlPlane, s: Sandbox) -> e2b.SandboxDetail:
+def detail(cp: ServerContext, s: Sandbox) -> e2b.SandboxDetail:
     return e2b.SandboxDetail(
         **listed(s).model_dump(),
         envd_access_token=s.envd_access_token,
@@ -88,9 +89,24 @@ def snapshot_info(s: Snapshot) -> e2b.SnapshotInfo:
     return e2b.SnapshotInfo(snapshot_id=s.id, names=[s.name] if s.name else [])
 
 
+def _public_traffic(network: dict[str, object] | None) -> bool:
+    """``network.allowPublicTraffic`` (default true); the rest of ``network`` (egress rules,
+    proxies, ...) is not supported."""
+    if not network:
+        return True
+    for key, value in network.items():
+        if key != "allowPublicTraffic" and value not in (None, [], {}, ""):
+            raise InvalidArgument(f"network.{key[:64]}: not supported by this server")
+    allow = network.get("allowPublicTraffic", True)
+    if allow is None:
+        return True
+    if not isinstance(allow, bool):
+        raise InvalidArgument(f"network.allowPublicTraffic: must be a boolean (got {allow!r:.40})")
+    return allow
+
+
 def _refuse_unsupported(body: e2b.NewSandbox) -> None:
     for name, value in (
-        ("network", body.network),
         ("mcp", body.mcp),
         ("iam", body.iam),
         ("volumeMounts", body.volume_mounts),
@@ -102,7 +118,7 @@ def _refuse_unsupported(body: e2b.NewSandbox) -> None:
 
 
 async def _create(
-    cp: ControlPlane, who: Team, body: e2b.NewSandbox, default_timeout_s: int
+    cp: ServerContext, who: Team, body: e2b.NewSandbox, default_timeout_s: int
 ) -> e2b.Sandbox:
     _refuse_unsupported(body)
     sandbox = await cp.sandboxes.create(
@@ -115,6 +131,7 @@ async def _create(
             auto_pause=bool(body.auto_pause),
             auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
             allow_internet_access=body.allow_internet_access,
+            public_traffic=_public_traffic(body.network),
         ),
     )
     return created(cp, sandbox)
@@ -127,7 +144,7 @@ async def create_sandbox(body: e2b.NewSandbox, cp: CP, who: Team) -> e2b.Sandbox
 
 @router.post("/v2/sandboxes", status_code=201, response_model_exclude_none=True)
 async def create_sandbox_v2(body: e2b.NewSandbox, cp: CP, who: Team) -> e2b.Sandbox:
-    return await _create(cp, who, body, cp.settings.default_timeout_s)
+    return await _create(cp, who, body, cp.config.default_timeout_s)
 
 
 def parse_metadata_filter(raw: str | None) -> dict[str, str]:
@@ -260,10 +277,10 @@ async def resume(
 
 
 async def _connect(
-    cp: ControlPlane, who: Team, sandbox_id: str, body: e2b.ConnectRequest | None
+    cp: ServerContext, who: Team, sandbox_id: str, body: e2b.ConnectRequest | None
 ) -> Response:
     body = body or e2b.ConnectRequest()
-    timeout = body.timeout if body.timeout is not None else cp.settings.default_timeout_s
+    timeout = body.timeout if body.timeout is not None else cp.config.default_timeout_s
     if body.memory is False:
         current = await cp.sandboxes.get(who.team.id, sandbox_id)
         if current.state is SandboxState.PAUSED:

@@ -1,12 +1,15 @@
-"""Bodies of Wrenn's own API under /v1 (hosts, teams and API keys, named snapshots)."""
+"""Bodies of Wrenn's own API under /v1 (hosts, teams and API keys, named snapshots, audit,
+webhook channels)."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
+import httpx
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from wrenn.controlplane.events import EventType
 from wrenn.controlplane.schemas.e2b import Ref, Text
 
 
@@ -139,3 +142,88 @@ class SnapshotOut(_Model):
     memory_mb: int = Field(serialization_alias="memoryMB")
     size_bytes: int = Field(serialization_alias="sizeBytes")
     created_at: datetime = Field(serialization_alias="createdAt")
+
+
+# --- audit ------------------------------------------------------------------------------
+
+
+class AuditEntryOut(_Model):
+    id: int
+    time: datetime
+    team_id: str | None = Field(serialization_alias="teamID")
+    actor: str | None
+    action: str
+    target_type: str = Field(serialization_alias="targetType")
+    target_id: str = Field(serialization_alias="targetID")
+    result: str
+    details: dict[str, Any]
+
+
+# --- webhook channels -------------------------------------------------------------------
+
+EVENT_TYPES = tuple(kind.value for kind in EventType)
+EVENT_PATTERNS = frozenset({*EVENT_TYPES, "*", "sandbox.*", "host.*"})
+
+
+def _event_pattern(value: str) -> str:
+    if value not in EVENT_PATTERNS:
+        raise ValueError(f"must be one of {', '.join(sorted(EVENT_PATTERNS))}")
+    return value
+
+
+def _webhook_url(value: str) -> str:
+    try:
+        url = httpx.URL(value)
+    except (httpx.InvalidURL, ValueError) as err:
+        raise ValueError("must be an http:// or https:// URL") from err
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
+WebhookUrl = Annotated[Text, Field(max_length=2048), AfterValidator(_webhook_url)]
+EventPattern = Annotated[str, AfterValidator(_event_pattern)]
+EventFilter = Annotated[list[EventPattern], Field(max_length=32)]
+
+
+class NewChannel(_Model):
+    url: WebhookUrl
+    name: Name = "webhook"
+    #: Event types, ``sandbox.*``, ``host.*`` or ``*``; empty or left out: every event.
+    events: EventFilter = Field(default_factory=list)
+
+
+class ChannelUpdate(_Model):
+    url: WebhookUrl | None = None
+    name: Name | None = None
+    events: EventFilter | None = None
+    enabled: bool | None = None
+
+
+class ChannelOut(_Model):
+    channel_id: str = Field(serialization_alias="channelID")
+    team_id: str = Field(serialization_alias="teamID")
+    name: str
+    url: str
+    events: list[str]
+    enabled: bool
+    created_at: datetime = Field(serialization_alias="createdAt")
+    updated_at: datetime = Field(serialization_alias="updatedAt")
+
+
+class CreatedChannel(ChannelOut):
+    #: The signing secret; shown in this response only.
+    secret: str
+
+
+class DeliveryOut(_Model):
+    delivery_id: int = Field(serialization_alias="deliveryID")
+    event_id: str = Field(serialization_alias="eventID")
+    event_type: str = Field(serialization_alias="eventType")
+    status: str
+    attempts: int
+    last_status: int | None = Field(serialization_alias="lastStatus")
+    last_error: str | None = Field(serialization_alias="lastError")
+    next_attempt_at: datetime = Field(serialization_alias="nextAttemptAt")
+    created_at: datetime = Field(serialization_alias="createdAt")
+    delivered_at: datetime | None = Field(serialization_alias="deliveredAt")

@@ -1,0 +1,341 @@
+"""The sandbox proxy: SDK traffic to a sandbox (envd's Connect services and /files, and any
+port the sandbox serves) routed to the sandbox's host agent, whose forwarding path
+``/sandboxes/{id}/port/{port}/{path}`` reaches the guest.
+
+Which sandbox and port a request is for:
+
+- the ``E2b-Sandbox-Id`` and ``E2b-Sandbox-Port`` headers (the e2b SDK sends them on every
+  sandbox request; with ``E2B_SANDBOX_URL`` pointing here they are all it needs), else
+- the Host ``{port}-{sandbox_id}.{domain}`` (E2B_DOMAIN mode, behind a TLS front).
+
+Who may reach it: envd's port (49983) is protected by envd itself (the sandbox's
+``X-Access-Token``, checked in the guest). Other ports are public, as in E2B, unless the
+sandbox was created with ``network.allowPublicTraffic: false``: then the request must carry
+the sandbox's ``e2b-traffic-access-token`` (401 without it, 403 with a wrong one); the header
+is not passed on to the sandbox.
+
+What a request gets when it cannot be forwarded (bodies ``{code, message}``):
+
+- 404 ``not_found`` "sandbox … was not found": no such sandbox;
+- 502 ``unavailable`` "sandbox … was not found: it has ended": killed or failed (the e2b SDK
+  reads this message on a 502 as "sandbox not running"; ``is_running()`` becomes False);
+- 409 ``failed_precondition``: paused — unless created with auto-resume, which resumes it and
+  then forwards (requests arriving meanwhile wait for it, up to ``proxy_resume_wait_s``);
+- 502 ``unavailable`` "… could not be reached": its host is silent or does not accept the
+  connection within ``proxy_connect_timeout_s``;
+- 503 ``unavailable``: still starting or resuming after ``proxy_resume_wait_s``, or the control
+  plane itself is starting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import re
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import httpx
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from wrenn import log
+from wrenn.controlplane import ids, relay
+from wrenn.controlplane.context import ServerContext
+from wrenn.controlplane.db.records import Host, Sandbox, SandboxState
+from wrenn.controlplane.errors import BadGateway, Conflict
+from wrenn.controlplane.events import Event
+from wrenn.core.errors import (
+    Internal,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+    Unavailable,
+    WrennError,
+)
+
+_log = log.get(__name__)
+
+ENVD_PORT = 49983
+SANDBOX_ID_HEADER = b"e2b-sandbox-id"
+SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
+TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
+#: Headers the proxy consumes: never passed on.
+_OWN_HEADERS = frozenset({SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER, b"host"})
+_HOST = re.compile(r"^([0-9]{1,5})-([a-z0-9]{1,64})\.([^:]+)(?::[0-9]+)?$")
+_ENDED = frozenset({SandboxState.KILLED, SandboxState.FAILED, SandboxState.STOPPING})
+_PAUSED = frozenset({SandboxState.PAUSED, SandboxState.PAUSING})
+_POLL_S = 0.1
+_WS_OPEN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Target:
+    sandbox_id: str
+    port: int
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def target_of(scope: Scope, domain: str) -> Target | None:
+    """The sandbox and port a request is for, or ``None`` when it names none. With an empty
+    ``domain``, any ``{port}-{id}.…`` Host counts."""
+    sandbox_id = _header(scope, SANDBOX_ID_HEADER)
+    if sandbox_id is not None:
+        raw_port = _header(scope, SANDBOX_PORT_HEADER)
+        port = ENVD_PORT
+        if raw_port is not None:
+            if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
+                raise InvalidArgument(f"E2b-Sandbox-Port: not a port ({raw_port[:16]!r})")
+            port = int(raw_port)
+        return Target(sandbox_id.decode("latin-1"), port)
+    host = _header(scope, b"host")
+    if host is None:
+        return None
+    match = _HOST.match(host.decode("latin-1").lower())
+    if match is None or (domain and match.group(3) != domain.lower()):
+        return None
+    port = int(match.group(1))
+    if not 0 < port < 65536:
+        raise InvalidArgument(f"invalid port {port} in the Host header")
+    return Target(match.group(2), port)
+
+
+@dataclass(frozen=True)
+class _Route:
+    sandbox: Sandbox | None
+    host: Host | None
+    expires: float
+
+
+class SandboxProxy:
+    """ASGI app serving sandbox traffic (see the module docstring)."""
+
+    def __init__(self, ctx: ServerContext, transport: httpx.AsyncBaseTransport | None = None):
+        self._ctx = ctx
+        cfg = ctx.config
+        self._domain = cfg.domain
+        self._cache_s = cfg.proxy_cache_s
+        self._wait_s = cfg.proxy_resume_wait_s
+        self._routes: dict[str, _Route] = {}
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(
+                connect=cfg.proxy_connect_timeout_s,
+                read=None,
+                write=None,
+                pool=cfg.proxy_connect_timeout_s,
+            ),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+            follow_redirects=False,
+            trust_env=False,
+            transport=transport,
+        )
+        ctx.events.subscribe(self._forget)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _forget(self, event: Event) -> None:
+        sandbox_id = event.data.get("sandboxID")
+        if sandbox_id:
+            self._routes.pop(str(sandbox_id), None)
+        elif event.type.startswith("host."):
+            self._routes.clear()
+
+    def handles(self, scope: Scope) -> bool:
+        """Whether a request arriving on the API port is sandbox traffic (the domain must
+        match there, so the API's own Host names never do)."""
+        if _header(scope, SANDBOX_ID_HEADER) is not None:
+            return True
+        if not self._domain:
+            return False
+        try:
+            return target_of(scope, self._domain) is not None
+        except InvalidArgument:
+            return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        try:
+            target = target_of(scope, self._domain)
+            if target is None:
+                raise NotFound(
+                    "no sandbox named: send E2b-Sandbox-Id (and E2b-Sandbox-Port) or use the "
+                    "Host {port}-{sandbox_id}.{domain}"
+                )
+            if not self._ctx.started.is_set():
+                raise Unavailable("the control plane is starting; retry shortly")
+            sandbox, host = await self._running(target.sandbox_id)
+            _check_traffic_token(scope, sandbox, target.port)
+        except WrennError as err:
+            await _refuse(scope, receive, send, err)
+            return
+        except Exception:
+            # Request boundary: log once, answer 500 without detail.
+            _log.exception("proxy.crashed", path=scope.get("path"))
+            await _refuse(scope, receive, send, Internal("internal error"))
+            return
+        await self._forward(scope, receive, send, target, host)
+
+    # --- where the sandbox is ------------------------------------------------------------
+
+    async def _lookup(self, sandbox_id: str, *, fresh: bool) -> _Route:
+        now = time.monotonic()
+        cached = self._routes.get(sandbox_id)
+        if cached is not None and not fresh and cached.expires > now:
+            return cached
+        sandbox: Sandbox | None = None
+        host: Host | None = None
+        if ids.is_sandbox_id(sandbox_id):
+            async with self._ctx.db.transaction() as tx:
+                sandbox = await tx.sandboxes.get(sandbox_id)
+                if sandbox is not None and sandbox.host_id is not None:
+                    host = await tx.hosts.get(sandbox.host_id)
+        route = _Route(sandbox, host, now + self._cache_s)
+        if self._cache_s > 0 and sandbox is not None:
+            if len(self._routes) > 100_000:
+                self._routes.clear()
+            self._routes[sandbox_id] = route
+        return route
+
+    async def _running(self, sandbox_id: str) -> tuple[Sandbox, Host]:
+        """The sandbox once it runs (auto-resuming it if it may), and its host."""
+        deadline = time.monotonic() + self._wait_s
+        route = await self._lookup(sandbox_id, fresh=False)
+        while True:
+            sandbox = route.sandbox
+            if sandbox is None:
+                raise NotFound(f"sandbox {sandbox_id[:64]!r} was not found")
+            if sandbox.state in _ENDED:
+                raise BadGateway(f"sandbox {sandbox.id!r} was not found: it has ended")
+            if sandbox.state is SandboxState.RUNNING:
+                host = route.host
+                if host is None or not self._ctx.scheduler.is_live(host):
+                    raise BadGateway(
+                        f"sandbox {sandbox.id!r} could not be reached: its host is not answering"
+                    )
+                return sandbox, host
+            if sandbox.state in _PAUSED and not sandbox.auto_resume:
+                raise Conflict(
+                    f"sandbox {sandbox.id!r} is paused: resume it (Sandbox.connect) to reach it"
+                )
+            if sandbox.state is SandboxState.PAUSED:
+                # A Conflict: another request resumes it; the next lookup waits for that.
+                with contextlib.suppress(Conflict):
+                    await self._ctx.sandboxes.resume_sandbox(sandbox, self._resume_timeout(sandbox))
+            elif time.monotonic() > deadline:
+                raise Unavailable(
+                    f"sandbox {sandbox.id!r} is still {sandbox.state.value}; retry shortly"
+                )
+            else:
+                await asyncio.sleep(_POLL_S)
+            route = await self._lookup(sandbox_id, fresh=True)
+
+    def _resume_timeout(self, sandbox: Sandbox) -> int:
+        """An auto-resumed sandbox gets the lifetime it was last given."""
+        lifetime = max(sandbox.end_at - sandbox.started_at, timedelta(seconds=60))
+        return min(int(lifetime.total_seconds()), self._ctx.config.max_timeout_s)
+
+    # --- forwarding ----------------------------------------------------------------------
+
+    async def _forward(
+        self, scope: Scope, receive: Receive, send: Send, target: Target, host: Host
+    ) -> None:
+        headers = [
+            (k, v)
+            for k, v in scope["headers"]
+            if k not in _OWN_HEADERS and k not in relay.HOP_BY_HOP
+        ]
+        client = scope.get("client")
+        if client:
+            headers.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))
+        original_host = _header(scope, b"host")
+        if original_host is not None:
+            headers.append((b"x-forwarded-host", original_host))
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
+        path = b"/sandboxes/%s/port/%d%s" % (
+            target.sandbox_id.encode(),
+            target.port,
+            raw_path.split(b"?", 1)[0] or b"/",
+        )
+        if query:
+            path += b"?" + query
+        base = httpx.URL(host.address)
+        unreachable = f"sandbox {target.sandbox_id!r} could not be reached through its host"
+        if scope["type"] == "websocket":
+            scheme = "wss" if base.scheme == "https" else "ws"
+            url = str(base.copy_with(scheme=scheme, raw_path=path))
+            await relay.relay_websocket(
+                scope, receive, send, url, headers, open_timeout_s=_WS_OPEN_TIMEOUT_S
+            )
+            return
+        try:
+            await relay.relay_http(
+                scope,
+                receive,
+                send,
+                self._client,
+                base.copy_with(raw_path=path),
+                headers,
+                unreachable=unreachable,
+            )
+        except BadGateway as err:
+            _log.warning("proxy.unreachable", sandbox_id=target.sandbox_id, host_id=host.id)
+            await _refuse(scope, receive, send, err)
+
+
+def _check_traffic_token(scope: Scope, sandbox: Sandbox, port: int) -> None:
+    if port == ENVD_PORT or sandbox.traffic_access_token is None:
+        return
+    given = _header(scope, TRAFFIC_TOKEN_HEADER)
+    if given is None:
+        raise Unauthenticated(
+            f"sandbox {sandbox.id!r} takes no public traffic: send its traffic access token "
+            "in the e2b-traffic-access-token header"
+        )
+    if not hmac.compare_digest(given, sandbox.traffic_access_token.encode()):
+        raise PermissionDenied(f"wrong traffic access token for sandbox {sandbox.id!r}")
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, err: WrennError) -> None:
+    if scope["type"] == "websocket":
+        await receive()  # the handshake's connect event comes first
+        await relay.refuse_websocket(scope, send, err)
+        return
+    await JSONResponse(err.to_body(), status_code=err.http_status)(scope, receive, send)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+class ProxyDispatch:
+    """On the API port: sandbox traffic (``SandboxProxy.handles``) goes to the proxy, the
+    rest to the API."""
+
+    def __init__(self, app: ASGIApp, proxy: SandboxProxy) -> None:
+        self.app = app
+        self.proxy = proxy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self.proxy.handles(scope):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)

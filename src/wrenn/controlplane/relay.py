@@ -1,0 +1,252 @@
+"""Relaying one client request to an upstream URL and its answer back, as it flows.
+
+HTTP: the request body goes up while the client sends it, the response comes down chunk by
+chunk as the upstream writes it (``aiter_raw``: bytes as they arrive, encodings untouched).
+Nothing is buffered beyond one chunk. Once the request body is in, the client's connection is
+watched: when it goes away the upstream request is cancelled, so a process stream never
+outlives its reader. WebSockets: both directions message by message.
+
+Hop-by-hop headers stay on their hop (RFC 9110 §7.6.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from wrenn import log
+from wrenn.controlplane.errors import BadGateway
+from wrenn.core.errors import WrennError
+
+_log = log.get(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+#: A WebSocket's own handshake headers: made anew on the upstream connection.
+WS_HANDSHAKE = frozenset(
+    {
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"sec-websocket-accept",
+    }
+)
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+def _has_body(scope: Scope) -> bool:
+    return any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+
+
+async def relay_http(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    client: httpx.AsyncClient,
+    url: httpx.URL,
+    headers: Headers,
+    *,
+    unreachable: str,
+) -> None:
+    """Forward the request to ``url``; ``BadGateway(unreachable)`` when it cannot be sent."""
+    body_done = asyncio.Event()
+    has_body = _has_body(scope)
+    if not has_body:
+        body_done.set()
+
+    async def request_body() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise _ClientGone
+                chunk = message.get("body", b"")
+                if chunk:
+                    yield chunk
+                if not message.get("more_body", False):
+                    return
+        finally:
+            body_done.set()
+
+    async def exchange() -> None:
+        request = client.build_request(
+            scope["method"],
+            url,
+            headers=headers,
+            content=request_body() if has_body else None,
+        )
+        try:
+            response = await client.send(request, stream=True)
+        except _ClientGone:
+            return
+        except httpx.TransportError as err:
+            raise BadGateway(f"{unreachable} ({type(err).__name__})") from err
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status_code,
+                    "headers": [
+                        (k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP
+                    ],
+                }
+            )
+            try:
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.TransportError as err:
+                # The status is out; all that is left is to cut the response short.
+                _log.info("proxy.upstream_broken", error=type(err).__name__)
+                return
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            await response.aclose()
+
+    async def watch(relay: asyncio.Future[None]) -> None:
+        await body_done.wait()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                relay.cancel()
+                return
+
+    relay = asyncio.ensure_future(exchange())
+    watcher = asyncio.ensure_future(watch(relay))
+    try:
+        await relay
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # this request is being cancelled, not only the relay (client gone)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+
+async def relay_websocket(
+    scope: Scope, receive: Receive, send: Send, url: str, headers: Headers, *, open_timeout_s: float
+) -> None:
+    """Accept the client's WebSocket once the upstream one is open, then relay both ways."""
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        return
+    try:
+        upstream = await connect(
+            url,
+            subprotocols=scope.get("subprotocols") or None,
+            additional_headers=[
+                (k.decode("latin-1"), v.decode("latin-1"))
+                for k, v in headers
+                if k.lower() not in WS_HANDSHAKE
+            ],
+            user_agent_header=None,
+            compression=None,
+            proxy=None,
+            open_timeout=open_timeout_s,
+            max_size=None,
+            ping_interval=None,
+        )
+    except InvalidStatus as err:
+        response = err.response
+        await deny_websocket(
+            scope,
+            send,
+            response.status_code,
+            bytes(response.body or b""),
+            response.headers.raw_items(),
+        )
+        return
+    except (OSError, TimeoutError, InvalidHandshake) as err:
+        await refuse_websocket(scope, send, BadGateway(f"websocket upstream: {type(err).__name__}"))
+        return
+    try:
+        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+        down = asyncio.ensure_future(_ws_down(upstream, send))
+        try:
+            await _ws_up(receive, upstream)
+        finally:
+            down.cancel()
+            await asyncio.gather(down, return_exceptions=True)
+    finally:
+        await upstream.close()
+
+
+async def _ws_up(receive: Receive, upstream: ClientConnection) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        data = message.get("bytes")
+        if data is None:
+            data = message.get("text")
+        if data is None:
+            continue
+        try:
+            await upstream.send(data)
+        except ConnectionClosed:
+            return
+
+
+async def _ws_down(upstream: ClientConnection, send: Send) -> None:
+    try:
+        async for data in upstream:
+            if isinstance(data, bytes):
+                await send({"type": "websocket.send", "bytes": data})
+            else:
+                await send({"type": "websocket.send", "text": data})
+    except ConnectionClosed:
+        pass
+    code = upstream.close_code or 1000
+    await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
+
+
+async def deny_websocket(
+    scope: Scope,
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: Iterable[tuple[str, str]] = (),
+) -> None:
+    """Answer a WebSocket handshake with a plain HTTP response when the server can (the ASGI
+    denial-response extension), else close it."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        out: Headers = [
+            (k.lower().encode("latin-1"), v.encode("latin-1"))
+            for k, v in headers
+            if k.lower().encode("latin-1") not in HOP_BY_HOP | {b"content-length"}
+        ]
+        out.append((b"content-length", str(len(body)).encode()))
+        start: Message = {"type": "websocket.http.response.start", "status": status}
+        start["headers"] = out
+        await send(start)
+        await send({"type": "websocket.http.response.body", "body": body})
+        return
+    await send({"type": "websocket.close", "code": 1008 if status < 500 else 1011})
+
+
+async def refuse_websocket(scope: Scope, send: Send, err: WrennError) -> None:
+    body = json.dumps(err.to_body()).encode()
+    await deny_websocket(scope, send, err.http_status, body, [("content-type", "application/json")])
