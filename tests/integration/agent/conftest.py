@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.integration.agent.agent_harness import AgentHome
 from wrenn.agent.images import GuestImage, build_base
 from wrenn.agent.vmm.base import NetworkAttachment, VmConfig
 from wrenn.agent.vmm.qemu import QemuVmm
@@ -257,3 +258,15 @@ async def vms(
     finally:
         rep = getattr(request.node, "rep_call", None)
         await factory.close(failed=rep is None or rep.failed)
+
+
+@pytest.fixture(scope="session")
+def agent_home(base_image: GuestImage) -> Iterator[AgentHome]:
+    """State directory, slot prefix and address pools for ``wrenn-agent`` processes, shared by
+    the session's agents (one runs at a time) so the base template is built once; scrubbed at
+    the end whatever the agents left."""
+    home = AgentHome.make(base_image, slots=2)
+    try:
+        yield home
+    finally:
+        home.scrub()
