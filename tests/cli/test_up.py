@@ -115,12 +115,23 @@ def test_up_runs_the_control_plane_and_stops_on_ctrl_c(run_up: type[Up], tmp_pat
 
 FAKE_CP = """\
 #!{python}
-import signal, sys, time
+import http.server, os, signal, sys, threading, time
+if sys.argv[1:] == ["create-host-token"]:
+    print("wrnr_faketoken")
+    sys.exit(0)
 def bye(signum, frame):
     print("cp got", signal.Signals(signum).name, flush=True)
-    sys.exit(0)
+    os._exit(0)
 signal.signal(signal.SIGTERM, bye)
 signal.signal(signal.SIGINT, bye)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(204 if self.path == "/health" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", int(os.environ["WRENN_CP_PORT"])), Health)
+threading.Thread(target=server.serve_forever, daemon=True).start()
 print("cp ready", flush=True)
 while True:
     time.sleep(1)
@@ -128,11 +139,13 @@ while True:
 
 STUBBORN_AGENT = """\
 #!{python}
-import signal, sys, time
+import os, signal, sys, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 print('{{"event": "agent.started", "level": "info", "timestamp": "2026-01-02T03:04:05Z", '
       '"slots": 8}}', flush=True)
+print("agent: control plane", os.environ.get("WRENN_AGENT_CONTROL_PLANE_URL"),
+      "token", os.environ.get("WRENN_AGENT_REGISTRATION_TOKEN"), flush=True)
 print("agent: not stopping for anyone", file=sys.stderr, flush=True)
 while True:
     time.sleep(1)
@@ -141,8 +154,20 @@ while True:
 FAILING_CP = """\
 #!{python}
 import sys
+if sys.argv[1:] == ["create-host-token"]:
+    print("wrnr_faketoken")
+    sys.exit(0)
 print("cp cannot bind", flush=True)
 sys.exit(3)
+"""
+
+QUIET_AGENT = """\
+#!{python}
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print("agent ready", flush=True)
+while True:
+    time.sleep(1)
 """
 
 
@@ -157,9 +182,17 @@ def test_up_forwards_the_signal_then_kills_after_the_grace_period(
 ) -> None:
     _script(tmp_path, "wrenn-cp", FAKE_CP)
     _script(tmp_path, "wrenn-agent", STUBBORN_AGENT)
-    up = run_up(["--bin-dir", str(tmp_path), "--grace", "1"], dict(os.environ))
+    port = free_port()
+    env = {**os.environ, "WRENN_CP_PORT": str(port)}
+    env.pop("WRENN_AGENT_CONTROL_PLANE_URL", None)
+    env.pop("WRENN_AGENT_REGISTRATION_TOKEN", None)
+    up = run_up(["--bin-dir", str(tmp_path), "--grace", "1"], env)
     up.wait_for(r"cp\s+\| cp ready")
     up.wait_for(r"agent \| agent: not stopping for anyone")
+    # The agent is wired to this control plane, and started once it answered /health.
+    up.wait_for(rf"agent \| agent: control plane http://127.0.0.1:{port} token wrnr_faketoken")
+    out = up.output()
+    assert out.index("cp ready") < out.index("agent | started")
     pids = up.child_pids()
     assert set(pids) == {"cp", "agent"}
 
@@ -173,14 +206,29 @@ def test_up_forwards_the_signal_then_kills_after_the_grace_period(
 
 
 def test_up_stops_everything_when_a_child_exits(run_up: type[Up], tmp_path: Path) -> None:
+    _script(tmp_path, "wrenn-cp", FAKE_CP)
+    _script(tmp_path, "wrenn-agent", QUIET_AGENT.replace("agent ready", "agent ready; bye"))
+    env = {**os.environ, "WRENN_CP_PORT": str(free_port())}
+    up = run_up(["--bin-dir", str(tmp_path), "--grace", "30"], env)
+    up.wait_for(r"agent \| agent ready")
+    os.kill(up.child_pids()["agent"], signal.SIGTERM)  # the agent ends on its own
+    assert up.proc.wait(60) == 1
+    out = up.output()
+    assert "up    | agent ended (exit code 0); stopping" in out
+    assert "cp    | cp got SIGTERM" in out
+    assert not _alive(up.child_pids()["cp"])
+
+
+def test_up_stops_when_the_control_plane_fails_to_start(run_up: type[Up], tmp_path: Path) -> None:
     _script(tmp_path, "wrenn-cp", FAILING_CP)
-    _script(tmp_path, "wrenn-agent", FAKE_CP.replace("cp ready", "agent ready"))
-    up = run_up(["--bin-dir", str(tmp_path), "--grace", "30"], dict(os.environ))
+    _script(tmp_path, "wrenn-agent", QUIET_AGENT)
+    env = {**os.environ, "WRENN_CP_PORT": str(free_port())}
+    up = run_up(["--bin-dir", str(tmp_path)], env)
     assert up.proc.wait(60) == 1
     out = up.output()
     assert "cp    | cp cannot bind" in out
     assert "up    | cp ended (exit code 3); stopping" in out
-    assert not _alive(up.child_pids()["agent"])
+    assert "agent | started" not in out  # never started: the control plane was not ready
 
 
 def test_up_names_a_missing_script(tmp_path: Path) -> None:

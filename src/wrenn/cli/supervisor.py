@@ -1,7 +1,7 @@
-"""Child processes run together in the foreground: their output interleaved line by line
-under their names, the first SIGINT/SIGTERM forwarded to each and waited for up to a grace
-period before SIGKILL by PID (a second signal skips the wait), and all of them stopped when
-one exits on its own."""
+"""Child processes run together in the foreground: started in order (the next once the
+previous says it is ready), their output interleaved line by line under their names, the
+first SIGINT/SIGTERM forwarded to each and waited for up to a grace period before SIGKILL by
+PID (a second signal skips the wait), and all of them stopped when one exits on its own."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import FrameType
@@ -61,6 +61,10 @@ def describe_exit(code: int) -> str:
 class ChildSpec:
     name: str
     argv: list[str]
+    #: Its environment; ``None``: this process's.
+    env: Mapping[str, str] | None = None
+    #: Polled after the start; the next child starts once it holds.
+    ready: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -83,12 +87,21 @@ class _Signalled:
 
 
 @dataclass
+class _NotReady:
+    name: str
+
+
+_Event = _Exited | _Signalled | _NotReady
+
+
+@dataclass
 class Supervisor:
     specs: Sequence[ChildSpec]
     grace_s: float = 10.0
-    env: Mapping[str, str] | None = None
+    #: How long a child with a readiness check may take to become ready.
+    ready_timeout_s: float = 120.0
     out: IO[str] | None = None
-    _events: queue.SimpleQueue[_Exited | _Signalled] = field(default_factory=queue.SimpleQueue)
+    _events: queue.SimpleQueue[_Event] = field(default_factory=queue.SimpleQueue)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _children: list[_Child] = field(default_factory=list)
 
@@ -120,26 +133,47 @@ class Supervisor:
                 signal.signal(s, h)
 
     def run(self) -> int:
-        """Start every child and supervise them; 0 after a requested stop, 1 when a child
-        failed to start or exited on its own."""
+        """Start the children and supervise them; 0 after a requested stop, 1 when a child
+        failed to start, did not become ready or exited on its own."""
         with self._signals():
-            try:
-                for i, spec in enumerate(self.specs):
+            for i, spec in enumerate(self.specs):
+                try:
                     self._start(spec, STYLES[i % len(STYLES)])
-            except OSError as err:
-                self.say("up", f"cannot start {spec.name}: {err.strerror}", "bold red")
-                self._stop(signal.SIGTERM)
-                return 1
-            first = self._events.get()
-            if isinstance(first, _Signalled):
-                self.say("up", f"{signal.Signals(first.signum).name}: stopping", "bold")
-                self._stop(first.signum)
+                except OSError as err:
+                    self.say("up", f"cannot start {spec.name}: {err.strerror}", "bold red")
+                    self._stop(signal.SIGTERM)
+                    return 1
+                if spec.ready is not None:
+                    early = self._await_ready(spec, spec.ready)
+                    if early is not None:
+                        return self._finish(early)
+            return self._finish(self._events.get())
+
+    def _await_ready(self, spec: ChildSpec, ready: Callable[[], bool]) -> _Event | None:
+        """``None`` once ``ready()`` holds; else what happened first."""
+        deadline = time.monotonic() + self.ready_timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                return _NotReady(spec.name)
+            with contextlib.suppress(queue.Empty):
+                return self._events.get(timeout=0.2)
+        return None
+
+    def _finish(self, event: _Event) -> int:
+        """Stop every child after ``event``; the exit code it calls for."""
+        match event:
+            case _Signalled(signum):
+                self.say("up", f"{signal.Signals(signum).name}: stopping", "bold")
+                self._stop(signum)
                 return 0
-            self.say(
-                "up", f"{first.name} ended ({describe_exit(first.code)}); stopping", "bold red"
-            )
-            self._stop(signal.SIGTERM)
-            return 1
+            case _Exited(name, code):
+                self.say("up", f"{name} ended ({describe_exit(code)}); stopping", "bold red")
+            case _NotReady(name):
+                self.say(
+                    "up", f"{name} not ready after {self.ready_timeout_s:g} s; stopping", "bold red"
+                )
+        self._stop(signal.SIGTERM)
+        return 1
 
     def _start(self, spec: ChildSpec, style: str) -> None:
         proc = subprocess.Popen(
@@ -147,7 +181,7 @@ class Supervisor:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=dict(self.env) if self.env is not None else None,
+            env=dict(spec.env) if spec.env is not None else None,
             # Own session: a terminal's Ctrl-C reaches only us, and we forward it.
             start_new_session=True,
         )
