@@ -1,8 +1,8 @@
 """CLI fixtures: a real ``wrenn-cp`` process on a free loopback port with a temporary SQLite
 database, one FakeHostAgent (the control plane tests' TEST DOUBLE of a host agent) registered
-with it, whose forwarding path (``EnvdForwarding``, also a TEST DOUBLE) leads every sandbox's
-traffic to one real envd process, and ``Cli`` — the ``wrenn`` Typer app run in-process with
-Typer's CliRunner."""
+with it, whose forwarding path (the control plane tests' ``ForwardingHost``, also a TEST
+DOUBLE) leads every sandbox's envd traffic to one real envd process, and ``Cli`` — the
+``wrenn`` Typer app run in-process with Typer's CliRunner."""
 
 from __future__ import annotations
 
@@ -14,10 +14,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -26,6 +25,7 @@ from typer.testing import CliRunner, Result
 from tests.conftest import EnvdProcess, free_port
 from tests.controlplane.conftest import LoopThread, Served
 from tests.controlplane.fake_agent import FakeHostAgent
+from tests.controlplane.forward_double import ForwardingHost
 from wrenn.cli import app
 
 _KEY_LINE = re.compile(r"its API key \(shown once\): (\S+)")
@@ -108,62 +108,6 @@ class ControlPlaneProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-_HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"host", b"upgrade"}
-
-
-class EnvdForwarding:
-    """TEST DOUBLE of a host agent's forwarding path: ``/sandboxes/{id}/port/49983/{path}``
-    streamed to one real envd, whichever the sandbox; everything else to ``agent_app`` (the
-    FakeHostAgent's Connect service)."""
-
-    PATH = re.compile(rb"^/sandboxes/[^/]+/port/49983(/.*)?$")
-
-    def __init__(self, agent_app: Any, envd_url: str) -> None:
-        self.agent_app = agent_app
-        self.envd_url = envd_url
-        self._client: httpx.AsyncClient | None = None
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        raw_path = scope.get("raw_path") or scope.get("path", "").encode()
-        found = self.PATH.match(raw_path) if scope["type"] == "http" else None
-        if found is None:
-            await self.agent_app(scope, receive, send)
-            return
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=None)
-
-        async def body() -> AsyncIterator[bytes]:
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    return
-                yield message.get("body", b"")
-                if not message.get("more_body"):
-                    return
-
-        url = self.envd_url + (found.group(1) or b"/").decode()
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode()
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() not in _HOP_BY_HOP]
-        request = self._client.build_request(scope["method"], url, headers=headers, content=body())
-        response = await self._client.send(request, stream=True)
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [
-                        (k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP
-                    ],
-                }
-            )
-            async for chunk in response.aiter_raw():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
-
-
 @dataclass
 class FakeHosts:
     """FakeHostAgent TEST DOUBLES served on loopback and registered with the control plane."""
@@ -178,7 +122,7 @@ class FakeHosts:
         """A registered, heartbeating host; with ``envd_url``, its sandboxes' envd traffic
         (through the control plane's proxy) reaches that envd."""
         agent = agent or FakeHostAgent()
-        app = agent.asgi() if envd_url is None else EnvdForwarding(agent.asgi(), envd_url)
+        app = agent.asgi() if envd_url is None else ForwardingHost(agent, envd_url)
         served = Served(self.loop, app)
         self.served.append(served)
         with self.cp.admin() as admin:
@@ -208,11 +152,24 @@ def cp() -> Iterator[ControlPlaneProcess]:
 
 
 @pytest.fixture(scope="session")
-def fake_host(cp: ControlPlaneProcess, envd: EnvdProcess) -> Iterator[tuple[str, FakeHostAgent]]:
-    """One host for the session, serving template ``base``; its sandboxes' envd is ``envd``."""
+def sandbox_envd() -> Iterator[EnvdProcess]:
+    """The envd behind every sandbox of ``fake_host`` — its own, as /init gives it an access
+    token (the shared ``envd`` fixture is left as other tests expect it)."""
+    proc = EnvdProcess()
+    yield proc
+    proc.stop()
+    proc.log.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session")
+def fake_host(
+    cp: ControlPlaneProcess, sandbox_envd: EnvdProcess
+) -> Iterator[tuple[str, FakeHostAgent]]:
+    """One host for the session, serving template ``base``; its sandboxes' envd is
+    ``sandbox_envd``."""
     hosts = FakeHosts(cp)
     try:
-        yield hosts.add(envd_url=envd.url)
+        yield hosts.add(envd_url=sandbox_envd.url)
     finally:
         hosts.close()
 

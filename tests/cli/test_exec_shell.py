@@ -1,10 +1,11 @@
 """``wrenn sandbox exec`` and ``shell`` through the e2b SDK against a real envd process.
 
 Sandboxes live on a FakeHostAgent TEST DOUBLE whose forwarding-path double leads their envd
-traffic to one real envd: by default the CLI sends it to the control plane's API port, whose
-sandbox proxy forwards it to the host. ``--sandbox-url`` (the debugging route) sends it
-straight to the envd. The fake agent reports envd 0.3.0, for which the SDK asks for user
-``user``; the tests name ``root`` (envd runs as root here)."""
+traffic to one real envd (given each sandbox's access token by /init as it starts). By default
+the CLI sends that traffic to the control plane's API port, whose sandbox proxy forwards it to
+the host; ``--sandbox-url`` (the debugging route) sends it straight to the envd. The fake agent
+reports envd 0.3.0, for which the SDK asks for user ``user``; the tests name ``root`` (envd
+runs as root here)."""
 
 from __future__ import annotations
 
@@ -54,8 +55,10 @@ def test_exec_streams_output_and_exit_code(cli: Cli, sandbox_id: str) -> None:
     assert failed.stdout == "partial\n"
 
 
-def test_exec_straight_to_an_envd(cli: Cli, envd: EnvdProcess, sandbox_id: str) -> None:
-    direct = cli("--sandbox-url", envd.url, "sandbox", "exec", "-u", "root", sandbox_id, "id -u")
+def test_exec_straight_to_an_envd(cli: Cli, sandbox_envd: EnvdProcess, sandbox_id: str) -> None:
+    direct = cli(
+        "--sandbox-url", sandbox_envd.url, "sandbox", "exec", "-u", "root", sandbox_id, "id -u"
+    )
     assert direct.exit_code == 0, direct.output
     assert direct.stdout == "0\n"
 
@@ -164,9 +167,9 @@ def terminal(cli: Cli, sandbox_id: str, sandbox_url: str | None = None) -> Itera
 
 @pytest.mark.parametrize("route", ["proxy", "direct"])
 def test_shell_is_an_interactive_terminal(
-    cli: Cli, envd: EnvdProcess, sandbox_id: str, route: str
+    cli: Cli, sandbox_envd: EnvdProcess, sandbox_id: str, route: str
 ) -> None:
-    with terminal(cli, sandbox_id, envd.url if route == "direct" else None) as term:
+    with terminal(cli, sandbox_id, sandbox_envd.url if route == "direct" else None) as term:
         term.type('echo "<$((6*7))>"\r')
         term.read_until(b"<42>")
         assert term.run("tty >/dev/null && echo yes", "t") == "yes"
@@ -192,7 +195,7 @@ def test_shell_is_an_interactive_terminal(
 
 
 def test_shell_ends_when_its_terminal_hangs_up(
-    cli: Cli, envd: EnvdProcess, sandbox_id: str, tmp_path: Path
+    cli: Cli, sandbox_envd: EnvdProcess, sandbox_id: str, tmp_path: Path
 ) -> None:
     with terminal(cli, sandbox_id) as term:
         term.type(f"echo $$ > {tmp_path}/pid; echo ready-$((1))\r")
