@@ -252,6 +252,8 @@ class Manager:
             await self.collect_garbage()
         except WrennError as err:
             _log.error("template.warm_failed", template_id=BASE_TEMPLATE, error=err.message)
+        except Exception:
+            _log.exception("template.warm_failed", template_id=BASE_TEMPLATE)
 
     async def close(self) -> None:
         """Stop every VM (running sandboxes are lost; paused ones stay recorded with their
