@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Mapping
 
 from wrenn.envd.process import posix_spawn
@@ -36,14 +37,15 @@ def executable(cmd: str, env: Mapping[str, str], cwd: str) -> str:
     denied = False
     for directory in os.get_exec_path(dict(env)):
         candidate = os.path.join(cwd, directory or ".", cmd)
-        if os.access(candidate, os.X_OK) and os.path.isfile(candidate):
-            return candidate
         try:
-            os.stat(candidate)
+            found = os.stat(candidate)
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError:
-            pass
+            denied = True
+            continue
+        if stat.S_ISREG(found.st_mode) and os.access(candidate, os.X_OK):
+            return candidate
         denied = True
     if denied:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), cmd)

@@ -87,7 +87,7 @@ class Registry:
         if self._closing:
             raise Unavailable("envd is shutting down")
         self._check_tag_free(tag)
-        spawning = asyncio.ensure_future(self._spawner.spawn(spec))
+        spawning = self._spawner.spawn(spec)
 
         def adopt_orphan(f: asyncio.Future[Spawned]) -> None:
             if not f.cancelled() and f.exception() is None:

@@ -139,13 +139,13 @@ class Spawner:
         finally:
             os.close(fd)
 
-    async def spawn(self, spec: LaunchSpec) -> Spawned:
-        """Start ``spec``. Cancelling the wait does not cancel the start: the caller must
-        adopt a child whose start completes after it stopped waiting."""
+    def spawn(self, spec: LaunchSpec) -> asyncio.Future[Spawned]:
+        """Start ``spec`` (call on the event loop thread). Cancelling the returned future does
+        not stop the start: shield it, and adopt a child born after the caller stopped
+        waiting."""
         if not self._decided:
             self._decide()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._spawn, spec)
+        return asyncio.get_running_loop().run_in_executor(self._thread, self._spawn, spec)
 
     def _own_cwd(self) -> bool:
         """Give the spawning thread a working directory of its own (``unshare(CLONE_FS)``),
