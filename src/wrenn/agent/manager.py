@@ -538,6 +538,11 @@ class Manager:
             sandbox.require(SandboxState.PAUSED)
             record = sandbox.record
             assert record.build_id is not None
+            if record.runtime != host.runtime.label:
+                raise FailedPrecondition(
+                    f"sandbox {sandbox_id} was paused under {record.runtime}; this host runs "
+                    f"{host.runtime.label}"
+                )
             build_id = record.build_id
             sandbox.state = SandboxState.STARTING
             try:
