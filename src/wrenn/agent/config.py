@@ -46,3 +46,11 @@ class AgentSettings(BaseSettings):
     boot_timeout_s: float = 180.0
     #: Snapshot restore to envd answering /health (create, resume).
     restore_timeout_s: float = 60.0
+    #: The control plane to register with and heartbeat to (``registration.py``); empty: none.
+    control_plane_url: str = ""
+    #: One-time token (``wrenn-cp create-host-token``) for the first registration; the host id
+    #: and secret it yields are kept in ``<state_dir>/controlplane.json``.
+    registration_token: str = ""
+    #: Base URL the control plane reaches this agent at; empty: ``http://{host}:{port}``.
+    advertise_url: str = ""
+    heartbeat_interval_s: float = 10.0
