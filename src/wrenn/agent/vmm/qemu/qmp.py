@@ -62,7 +62,10 @@ class QmpClient:
     async def _read_message(self) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         while b"\n" not in self._buf:
-            chunk = await loop.sock_recv(self._sock, _READ_BYTES)
+            try:
+                chunk = await loop.sock_recv(self._sock, _READ_BYTES)
+            except ConnectionError as err:  # QEMU exited under us (reset rather than EOF)
+                raise Unavailable(f"QMP connection lost: {err.strerror}") from err
             if not chunk:
                 raise Unavailable("QMP connection closed by QEMU")
             self._buf += chunk
