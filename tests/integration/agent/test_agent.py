@@ -20,6 +20,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from e2b import AsyncSandbox, FileNotFoundException
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from tests.integration.agent.agent_harness import Agent, AgentHome, Leftovers
 from wrenn.gen.hostagent import hostagent_pb as pb
@@ -285,6 +286,16 @@ async def test_forwarding_reaches_guest_ports_over_http_and_websocket(
         assert (unknown.status_code, unknown.json()["code"]) == (404, "not_found")
 
         ws_url = agent.forward_url("ports", 8765).replace("http://", "ws://") + "/echo"
+
+        async def echoing() -> bool:
+            try:
+                async with ws_connect(ws_url, proxy=None, open_timeout=10) as ws:
+                    await ws.send("ready?")
+                    return await ws.recv() == "ready?"
+            except (OSError, InvalidHandshake, ConnectionClosed):
+                return False
+
+        await eventually(echoing, "the guest's WebSocket server")
         async with ws_connect(ws_url, proxy=None, open_timeout=30) as ws:
             await ws.send("ping")
             assert await ws.recv() == "ping"

@@ -135,6 +135,11 @@ async def test_agent_killed_mid_create_is_reaped_when_it_starts_again(agents: Ag
     gone(Leftovers.count(home))
 
 
+def _builds(home: AgentHome) -> list[str]:
+    store = home.state_dir / "snapshots"
+    return sorted(os.listdir(store)) if store.is_dir() else []
+
+
 def _variant(home: AgentHome, key: str, *, broken_kernel: bool) -> Path:
     """An image directory beside the real one, under another cache key (so the base template
     is built from it afresh): the real files linked, the kernel replaced by zeros if asked."""
@@ -165,12 +170,12 @@ async def test_guests_that_fail_to_boot_fail_clearly_and_leave_nothing(agents: A
         )
         before = Leftovers.count(home)
         idle(home, before)
-        builds = sorted(os.listdir(home.state_dir / "snapshots"))
+        builds = _builds(home)
         with pytest.raises(ConnectError) as failure:
             await create(agent, f"on-{key}")
         assert failure.value.code == code, failure.value.message
         assert says in failure.value.message.lower(), failure.value.message
         assert Leftovers.count(home) == before
-        assert sorted(os.listdir(home.state_dir / "snapshots")) == builds
+        assert _builds(home) == builds
         await agents.stop(agent)
         gone(Leftovers.count(home))
