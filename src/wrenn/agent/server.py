@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from wrenn.agent import forward
+from wrenn.agent import forward, registration
 from wrenn.agent.catalog import SnapshotRecord
 from wrenn.agent.config import AgentSettings
 from wrenn.agent.edge import ErrorInterceptor
@@ -171,26 +171,69 @@ class HostAgentService(HostAgent):
         )
 
 
+async def _capacity(manager: Manager) -> registration.Capacity:
+    """What a heartbeat tells the control plane about this host."""
+    info = await manager.host_info()
+    mib = 1 << 20
+    return registration.Capacity(
+        runtime=info.runtime,
+        version=info.version,
+        vcpus=info.vcpus,
+        memory_mib=info.memory_bytes // mib,
+        memory_free_mib=info.memory_free_bytes // mib,
+        disk_mib=info.disk_bytes // mib,
+        disk_free_mib=info.disk_free_bytes // mib,
+        templates=[
+            registration.TemplateReport(
+                template_id=t.template_id,
+                build_id=str(t.build_id),
+                vcpus=t.vcpus,
+                memory_mib=t.memory_mib,
+                disk_mib=t.disk_size_bytes // mib,
+                envd_version=t.envd_version,
+            )
+            for t in info.templates
+        ],
+    )
+
+
 async def _health(request: Request) -> Response:
     return Response(status_code=204)
 
 
 def build(settings: AgentSettings) -> ASGIApp:
-    """The whole agent. Its lifespan starts the manager (and, unless turned off, builds the
-    base template in the background) and closes it at shutdown."""
+    """The whole agent. Its lifespan starts the manager, runs the background tasks (the base
+    template's build unless turned off; registration and heartbeats when a control plane is
+    set) and closes the manager at shutdown."""
     manager = Manager(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await manager.start()
         try:
+            background: list[asyncio.Task[None]] = []
             async with asyncio.TaskGroup() as tasks:
-                warm = tasks.create_task(manager.warm()) if settings.warm_base_template else None
+                if settings.warm_base_template:
+                    background.append(tasks.create_task(manager.warm()))
+                if settings.control_plane_url:
+                    creds = await registration.load_or_register(
+                        settings.state_dir,
+                        settings.control_plane_url,
+                        settings.registration_token,
+                        settings.advertise_url or f"http://{settings.host}:{settings.port}",
+                    )
+                    heartbeats = registration.heartbeat_loop(
+                        settings.control_plane_url,
+                        creds,
+                        lambda: _capacity(manager),
+                        interval_s=settings.heartbeat_interval_s,
+                    )
+                    background.append(tasks.create_task(heartbeats))
                 try:
                     yield
                 finally:
-                    if warm is not None:
-                        warm.cancel()
+                    for task in background:
+                        task.cancel()
         finally:
             await manager.close()
 
