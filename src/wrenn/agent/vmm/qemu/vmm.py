@@ -127,7 +127,11 @@ class QemuVmm:
         self._state = VmState.RUNNING
         _log.info("vm.booted", vm_id=self.config.vm_id, accel=self.accel, pid=self.pid)
 
-    async def restore(self, snapshot: SnapshotFiles) -> None:
+    async def restore(self, snapshot: SnapshotFiles, *, own_memory: bool = False) -> None:
+        """Start from ``snapshot``. By default its memfile is mapped private and never written
+        (one memfile backs many guests). ``own_memory``: the memfile is this guest's own copy,
+        mapped shared as a booted guest's RAM is, so a snapshot leaves RAM out of the stream;
+        the snapshot's state must then hold no RAM (taken from a guest whose RAM was shared)."""
         self._require(VmState.CREATED)
         if snapshot.diff:
             raise Unimplemented("the qemu driver restores only full snapshots")
@@ -137,7 +141,7 @@ class QemuVmm:
             raise InvalidArgument(
                 f"snapshot memory is {size >> 20} MiB, the vm has {self.config.memory_mib} MiB"
             )
-        self._memory_file, self._share_memory = snapshot.memfile, False
+        self._memory_file, self._share_memory = snapshot.memfile, own_memory
         await self._start(incoming=True)
         try:
             async with asyncio.timeout(RESTORE_TIMEOUT_S):
