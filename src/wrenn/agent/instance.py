@@ -1,10 +1,11 @@
-"""A running VM and what it holds: a network slot, a run directory, the VMM process, envd
-clients, and (Firecracker) a page server. ``start`` acquires them in that order and pushes
-each undo step the moment its resource exists; ``Instance.close`` (and any failure during
-``start``) unwinds them all: VMM stopped, run directory removed, slot reset and returned.
+"""A running VM and what it holds: a network slot, a run directory, its memory file (QEMU),
+the VMM process, envd clients, and (Firecracker) a page server. ``start`` acquires them in
+that order and pushes each undo step the moment its resource exists; ``Instance.close`` (and
+any failure during ``start``) unwinds them all: VMM stopped, memory copy deleted, run
+directory removed, slot reset and returned.
 
     start(ColdBoot)   slot → run dir → VMM boots the image → envd /health (bounded)
-    start(FromBuild)  slot → run dir → VMM restores the build → envd /health (bounded)
+    start(FromBuild)  slot → run dir → memory copy → VMM restores the build → envd /health
 
 The disk is not the instance's: it belongs to the sandbox and outlives a pause.
 """
@@ -25,7 +26,7 @@ from wrenn.agent.cleanup import finish
 from wrenn.agent.config import AgentSettings
 from wrenn.agent.envdclient import EnvdClient
 from wrenn.agent.images import GuestImage
-from wrenn.agent.memfiles import MemfileCache
+from wrenn.agent.memory import MemoryImages
 from wrenn.agent.network import Slot, SlotPool
 from wrenn.agent.runtime import Runtime
 from wrenn.agent.snapshots import DeviceInput, Manifest, SnapshotStore
@@ -49,7 +50,7 @@ class HostResources:
     runtime: Runtime
     pool: SlotPool
     store: SnapshotStore
-    memfiles: MemfileCache
+    memory: MemoryImages
     #: Parent of every VM's run directory.
     vm_root: Path
 
@@ -62,8 +63,8 @@ class ColdBoot:
 @dataclass(frozen=True)
 class FromBuild:
     build_id: uuid.UUID
-    #: True: the build's memory is shared by every VM restored from it (templates, named
-    #: snapshots); False: a paused sandbox's own build, materialised for this VM alone.
+    #: True: many VMs restore from the build (templates, named snapshots): each gets a reflinked
+    #: copy of its memory image; False: a paused sandbox's own build, materialised once.
     shared: bool
 
 
@@ -179,6 +180,14 @@ async def start(
             kernel_args=runtime.kernel_args(shape.image),
             network=NetworkAttachment(tap=slot.tap_name, mac=slot.guest_mac, netns=slot.netns),
         )
+        memfile: Path | None = None
+        if isinstance(source, FromBuild) and runtime.flat_memory:
+            if source.shared:
+                memfile = await host.memory.copy_for(source.build_id, run_dir.name)
+                stack.push_async_callback(host.memory.delete_copy, run_dir.name)
+            else:
+                memfile = run_dir / "memfile"
+                await host.store.materialize(source.build_id, "memfile", memfile)
         vmm = runtime.vmm(config)
         stack.push_async_callback(vmm.stop)
         if isinstance(source, ColdBoot):
@@ -188,20 +197,11 @@ async def start(
         else:
             what = "a restore"
             timeout_s = host.settings.restore_timeout_s
-            build_id = source.build_id
-
-            async def flat_memfile() -> Path:
-                if source.shared:
-                    return await host.memfiles.get(build_id)
-                path = run_dir / "memfile"
-                await host.store.materialize(build_id, "memfile", path)
-                return path
-
             await runtime.restore(
                 vmm,
                 store=host.store,
-                build_id=build_id,
-                flat_memfile=flat_memfile,
+                build_id=source.build_id,
+                memfile=memfile,
                 run_dir=run_dir,
                 stack=stack,
             )

@@ -44,7 +44,7 @@ from wrenn.agent.config import AgentSettings
 from wrenn.agent.disks import DiskStore
 from wrenn.agent.images import GuestImage, build_base
 from wrenn.agent.instance import FromBuild, HostResources, Instance, Shape
-from wrenn.agent.memfiles import MemfileCache
+from wrenn.agent.memory import MemoryImages
 from wrenn.agent.network import NetworkPlan, SlotPool
 from wrenn.agent.sandbox import Sandbox, SandboxState, SandboxView
 from wrenn.agent.snapshots import LocalSnapshotStore
@@ -150,7 +150,7 @@ class Manager:
         self.store = LocalSnapshotStore(state_dir / "snapshots")
         self.catalog = Catalog(state_dir / "catalog")
         self.disks = DiskStore(state_dir / "disks")
-        self.memfiles = MemfileCache(self.run_root / "memfiles", self.store)
+        self.memory = MemoryImages(self.run_root / "memfiles", self.store, self.disks)
         self.plan = NetworkPlan(
             slot_count=settings.slots,
             prefix=settings.network_prefix,
@@ -188,7 +188,7 @@ class Manager:
         reaped = await asyncio.to_thread(leftovers.reap, self.run_root, vm_root)
         if not reaped.empty:
             _log.warning("vms.reaped", pids=reaped.pids, run_dirs=reaped.run_dirs)
-        await asyncio.to_thread(self.memfiles.clear)
+        await asyncio.to_thread(self.memory.clear)
         await self.store.sweep()
         await self.catalog.load()
 
@@ -203,7 +203,7 @@ class Manager:
             runtime=runtime.Runtime(choice, settings),
             pool=self.pool,
             store=self.store,
-            memfiles=self.memfiles,
+            memory=self.memory,
             vm_root=vm_root,
         )
         self._templates = Templates(self._host, self.disks, self.catalog, image, self._pins)
@@ -675,12 +675,13 @@ class Manager:
                     if await self.store.dependents(build_id):
                         continue
                     await self.store.delete(build_id)
-                    await self.memfiles.drop(build_id)
+                    await self.memory.drop(build_id)
                     deleted.append(build_id)
                     progress = True
                 if not progress:
                     break
-            keep = {str(b) for b in self._referenced()}
+            referenced = self._referenced()
+            keep = {str(b) for b in referenced} | {self.memory.image_id(b) for b in referenced}
             if self._templates is not None:
                 keep.add(image_template_id(self._templates.base_image))
             images = [t for t in self.disks.templates() if t not in keep]

@@ -7,14 +7,14 @@ agent's flows (the kernel they boot, how a snapshot's memory comes back).
     qemu          forced; accelerator from ``qemu_accel`` (auto: the KVM boot probe)
     firecracker   forced; the agent refuses to start when the binary or KVM is unusable
 
-Restores: qemu maps a flat memory file of the build privately (``MemfileCache``);
-firecracker loads the state with the Uffd backend and our page server reads the build's layers.
+Restores: qemu maps the VM's own reflinked copy of the build's memory shared
+(``MemoryImages``); firecracker loads the state with the Uffd backend and our page server reads
+the build's layers.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -84,10 +84,6 @@ async def choose(settings: AgentSettings, image: GuestImage) -> RuntimeChoice:
     )
 
 
-#: Gives the flat memory file of a build (QEMU's file-backed RAM maps it privately).
-FlatMemfile = Callable[[], Awaitable[Path]]
-
-
 class Runtime:
     """Makes VMs for the chosen runtime and restores snapshot builds into them."""
 
@@ -119,25 +115,31 @@ class Runtime:
             return f"--- firecracker log ---\n{vmm.logs()}\n--- serial console ---\n{vmm.serial()}"
         return ""
 
+    @property
+    def flat_memory(self) -> bool:
+        """Whether a restore maps a flat memory file (QEMU) rather than being served pages
+        from the build's layers (Firecracker)."""
+        return self.choice.vmm == "qemu"
+
     async def restore(
         self,
         vmm: Vmm,
         *,
         store: SnapshotStore,
         build_id: UUID,
-        flat_memfile: FlatMemfile,
+        memfile: Path | None,
         run_dir: Path,
         stack: contextlib.AsyncExitStack,
     ) -> None:
-        """Start ``vmm`` (created, not booted) from ``build_id``. What the restore holds beyond
-        the VMM (a page server and its reader) goes on ``stack``, undone after the VM is gone."""
+        """Start ``vmm`` (created, not booted) from ``build_id``. QEMU maps ``memfile``, the
+        VM's own copy of the build's memory, shared. What the restore holds beyond the VMM (a
+        page server and its reader) goes on ``stack``, undone after the VM is gone."""
         state = await store.file(build_id, "state")
         if isinstance(vmm, FirecrackerVmm):
             reader = await store.open_device(build_id, "memfile")
             stack.callback(reader.close)
-            server = UffdServer(
-                run_dir / "uffd.sock", reader, prefetch=await store.prefetch(build_id)
-            )
+            prefetch = await store.prefetch(build_id)
+            server = UffdServer(run_dir / "uffd.sock", reader, prefetch=prefetch)
             await server.start()
 
             async def stop_vm_then_server() -> None:
@@ -147,4 +149,10 @@ class Runtime:
             stack.push_async_callback(stop_vm_then_server)
             await vmm.restore_uffd(state, server.socket_path)
             return
-        await vmm.restore(SnapshotFiles(memfile=await flat_memfile(), state=state))
+        if memfile is None:
+            raise FailedPrecondition("a QEMU restore needs the guest's memory file")
+        files = SnapshotFiles(memfile=memfile, state=state)
+        if isinstance(vmm, QemuVmm):
+            await vmm.restore(files, own_memory=True)
+        else:
+            await vmm.restore(files)
