@@ -117,6 +117,12 @@ async def reflink(src: Path, dest: Path) -> None:
         raise RuntimeError(f"cannot reflink {src}")
 
 
+def build_bytes(home: AgentHome, build_id: str) -> dict[str, int]:
+    """Bytes of each file a build stores (from its manifest)."""
+    manifest = json.loads((home.state_dir / "snapshots" / build_id / "manifest.json").read_text())
+    return {name: int(f["size_bytes"]) for name, f in manifest["files"].items()}
+
+
 def log_events(agent: Agent) -> list[dict[str, Any]]:
     events = []
     for line in agent.logs().splitlines():
@@ -155,11 +161,13 @@ async def bench(image: GuestImage, runs: int) -> None:
                 await destroy(client, f"c{i}")
 
             pauses, resumes = [], []
+            build_sizes: list[dict[str, int]] = []
             await create(client, "p")
             for _ in range(max(3, runs // 4)):
                 t0 = time.perf_counter()
-                await client.pause_sandbox(pb.PauseSandboxRequest(sandbox_id="p"))
+                paused = await client.pause_sandbox(pb.PauseSandboxRequest(sandbox_id="p"))
                 pauses.append(time.perf_counter() - t0)
+                build_sizes.append(build_bytes(home, paused.build_id))
                 t0 = time.perf_counter()
                 await client.resume_sandbox(pb.ResumeSandboxRequest(sandbox_id="p"))
                 resumes.append(time.perf_counter() - t0)
@@ -185,7 +193,7 @@ async def bench(image: GuestImage, runs: int) -> None:
             template_disk = home.state_dir / "disks" / "templates" / f"{template.build_id}.img"
             await reflink(template_disk, disk)
             snapshot = SnapshotFiles(
-                memfile=home.state_dir / "run" / "memfiles" / template.build_id,
+                memfile=home.state_dir / "disks" / "templates" / f"mem-{template.build_id}.img",
                 state=home.state_dir / "snapshots" / template.build_id / "state",
             )
             raw = RawGuests(image, work, info.runtime.removeprefix("qemu-"))
@@ -225,6 +233,11 @@ async def bench(image: GuestImage, runs: int) -> None:
                 [f"QEMU RSS per idle sandbox ({len(rss)} running)", f"{per_sandbox:.0f} MiB"],
                 ["same, as GetSandboxMetrics reports it", f"{metric:.0f} MiB"],
                 ["agent RSS", f"{agent_rss / mib:.0f} MiB"],
+                [
+                    "pause build on disk: memory diff + VM state (p50)",
+                    f"{p50([b.get('memfile', 0) for b in build_sizes]) / mib:.1f} MiB + "
+                    f"{p50([b.get('state', 0) for b in build_sizes]) / mib:.2f} MiB",
+                ],
             ],
         )
     )

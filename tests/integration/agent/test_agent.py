@@ -335,7 +335,9 @@ async def test_bad_requests_fail_clearly_and_leave_nothing(
         await expect(Code.RESOURCE_EXHAUSTED, create(client, "one-too-many"))
         listed = (await client.list_sandboxes(pb.ListSandboxesRequest())).sandboxes
         assert sorted(s.sandbox_id for s in listed) == [s.sandbox_id for s in held]
-        assert Leftovers.count(agent.home).sandbox_disks == len(held)
+        disks = {p.name for p in (agent.home.state_dir / "disks" / "sandboxes").glob("*.img")}
+        assert {f"{s.sandbox_id}.img" for s in held} <= disks
+        assert not [d for d in disks if "one-too-many" in d], disks
     finally:
         for sandbox in held:
             await client.destroy_sandbox(pb.DestroySandboxRequest(sandbox_id=sandbox.sandbox_id))
