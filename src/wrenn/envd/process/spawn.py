@@ -52,9 +52,6 @@ class Child(Protocol):
 
     pid: int
 
-    @property
-    def returncode(self) -> int | None: ...
-
     def poll(self) -> int | None: ...
 
     def wait(self) -> int: ...
@@ -159,32 +156,11 @@ class Spawner:
 
     def _spawn(self, spec: LaunchSpec) -> Spawned:
         gate = self._gate if self._gate is not None and self._own_cwd() else None
-        child: Child
         try:
             if gate is not None:
-                _enter(spec.cwd)  # as root, like the forked path's chdir
-            try:
-                with credentials.acting_as(self._base, spec.user):
-                    streams = Streams.open(spec)
-                    if gate is not None:
-                        try:
-                            child = GatedChild(spawn_gated(spec, streams, gate))
-                        except BaseException:
-                            streams.close_ours()
-                            raise
-                        finally:
-                            streams.close_theirs()
-            finally:
-                if gate is not None:
-                    os.chdir("/")
-            if gate is None:
-                try:
-                    child = spawn_forked(spec, streams, self._cgroup_fds)
-                except BaseException:
-                    streams.close_ours()
-                    raise
-                finally:
-                    streams.close_theirs()
+                child, streams = self._start_gated(spec, gate)
+            else:
+                child, streams = self._start_forked(spec)
         except GateDenied:
             raise Internal("could not place the process in the user cgroup") from None
         except subprocess.SubprocessError as err:
@@ -192,6 +168,22 @@ class Spawner:
         except OSError as err:
             raise _start_error(spec.argv[0], err) from err
         return self._watch(child, streams)
+
+    def _start_gated(self, spec: LaunchSpec, gate: SpawnGate) -> tuple[Child, Streams]:
+        _enter(spec.cwd)  # as root, like the forked path's chdir
+        try:
+            with credentials.acting_as(self._base, spec.user):
+                streams = Streams.open(spec)
+                with streams.handing_over():
+                    return GatedChild(spawn_gated(spec, streams, gate)), streams
+        finally:
+            os.chdir("/")
+
+    def _start_forked(self, spec: LaunchSpec) -> tuple[Child, Streams]:
+        with credentials.acting_as(self._base, spec.user):
+            streams = Streams.open(spec)
+        with streams.handing_over():
+            return spawn_forked(spec, streams, self._cgroup_fds), streams
 
     @staticmethod
     def _watch(child: Child, streams: Streams) -> Spawned:

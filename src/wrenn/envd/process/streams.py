@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 
 from wrenn.envd.process.launch import LaunchSpec
 from wrenn.envd.process.posix_spawn import FileActions
@@ -101,6 +102,18 @@ class Streams:
             actions.dup2(stdin, 0)
         actions.dup2(stdout, 1)
         actions.dup2(stderr, 2)
+
+    @contextlib.contextmanager
+    def handing_over(self) -> Iterator[None]:
+        """Around starting the child: the child's ends are closed afterwards whatever
+        happened, envd's too should the start fail."""
+        try:
+            yield
+        except BaseException:
+            self.close_ours()
+            raise
+        finally:
+            self.close_theirs()
 
     def close_ours(self) -> None:
         close_quietly(*self._ours)
