@@ -223,6 +223,27 @@ async def test_a_child_that_cannot_join_its_cgroup_never_runs(fast: bool, tmp_pa
     assert not marker.exists()
 
 
+async def output_of(made: Spawner, user: str, *argv: str) -> str:
+    spawned = await made.spawn(spec(user, *argv))
+    try:
+        assert await asyncio.to_thread(spawned.child.wait) == 0
+        assert spawned.stdout_fd is not None
+        os.set_blocking(spawned.stdout_fd, True)
+        return os.read(spawned.stdout_fd, 4096).decode()
+    finally:
+        for fd in (spawned.pidfd, spawned.stdout_fd, spawned.stderr_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["gated", "forked"])
+async def test_concurrent_starts_as_different_users_keep_their_identities(fast: bool) -> None:
+    users = ["root", NOBODY] * 6
+    async with spawner(fast=fast) as made:
+        outputs = await asyncio.gather(*(output_of(made, u, "id", "-un") for u in users))
+    assert [o.strip() for o in outputs] == users
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["gated", "forked"])
 async def test_envds_own_working_directory_stays(fast: bool, tmp_path: Path) -> None:
     before = os.getcwd()

@@ -64,6 +64,8 @@ def spawn_gated(spec: LaunchSpec, streams: Streams, gate: SpawnGate) -> int:
         try:
             return posix_spawn.spawn(path, spec.argv, spec.env, actions, setsid=True)
         except PermissionError:
+            # EPERM while the gate refused someone: taken as this child's refusal (a
+            # concurrent start's refusal could be counted here too; both are internal errors).
             if gate.denied != denied:
                 raise GateDenied from None
             raise

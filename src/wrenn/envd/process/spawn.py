@@ -15,7 +15,8 @@ Two ways, same result:
 Either way every process leads its own session and process group (signals sent to the group
 reach all descendants that did not leave it), starts with no signal blocked, in its working
 directory entered as root, and only when the user may execute the program
-(``invalid_argument`` otherwise). Starts run one at a time on one thread ("envd-spawn").
+(``invalid_argument`` otherwise). Starts run on a few dedicated threads ("envd-spawn"), so
+one whose exec hangs (a binary on a stuck file system) does not hold up the others.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import errno
 import os
 import signal
 import subprocess
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +46,8 @@ from wrenn.envd.process.streams import Streams
 _log = log.get(__name__)
 
 _CLONE_FS = 0x0000_0200
+#: Threads starting processes at once (started as needed).
+SPAWN_THREADS = 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -95,9 +99,11 @@ class Spawner:
         self._fast = fast
         self._gate: SpawnGate | None = None
         self._decided = False
-        self._cwd_private: bool | None = None
         self._base = credentials.Ids.current()
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="envd-spawn")
+        self._threads = ThreadPoolExecutor(
+            max_workers=SPAWN_THREADS, thread_name_prefix="envd-spawn"
+        )
+        self._per_thread = threading.local()
 
     @property
     def gated(self) -> bool:
@@ -142,17 +148,19 @@ class Spawner:
         waiting."""
         if not self._decided:
             self._decide()
-        return asyncio.get_running_loop().run_in_executor(self._thread, self._spawn, spec)
+        return asyncio.get_running_loop().run_in_executor(self._threads, self._spawn, spec)
 
     def _own_cwd(self) -> bool:
-        """Give the spawning thread a working directory of its own (``unshare(CLONE_FS)``),
-        once; a child created by ``posix_spawn`` starts in it. False where that fails."""
-        if self._cwd_private is None:
-            self._cwd_private = _libc.unshare(_CLONE_FS) == 0
-            if not self._cwd_private:
+        """Give the calling spawning thread a working directory of its own
+        (``unshare(CLONE_FS)``), once; a child created by ``posix_spawn`` starts in it. False
+        where that fails."""
+        private: bool | None = getattr(self._per_thread, "cwd_private", None)
+        if private is None:
+            private = self._per_thread.cwd_private = _libc.unshare(_CLONE_FS) == 0
+            if not private:
                 err = ctypes.get_errno()
                 _log.warning("process.spawn_mode", mode="forked", reason=os.strerror(err))
-        return self._cwd_private
+        return private
 
     def _spawn(self, spec: LaunchSpec) -> Spawned:
         gate = self._gate if self._gate is not None and self._own_cwd() else None
@@ -201,8 +209,8 @@ class Spawner:
         )
 
     async def aclose(self) -> None:
-        """Finish the start in progress, then close the gate."""
-        await asyncio.to_thread(self._thread.shutdown, wait=True)
+        """Finish the starts in progress, then close the gate."""
+        await asyncio.to_thread(self._threads.shutdown, wait=True)
         if self._gate is not None:
             self._gate.close()
             self._gate = None
