@@ -17,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from tests.controlplane.fake_agent import FakeHostAgent, FakeSandbox
 from wrenn.controlplane import relay
 from wrenn.controlplane.errors import BadGateway
+from wrenn.controlplane.upstream import Origin, UpstreamPool
 from wrenn.gen.hostagent import hostagent_pb as pb
 
 ENVD_PORT = 49983
@@ -28,12 +29,17 @@ class ForwardingHost:
         self.agent = agent
         self.envd_url = envd_url.rstrip("/")
         self.rpc = agent.asgi()
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(10, read=None, write=None))
+        self.client = httpx.AsyncClient(timeout=10)
+        self.upstream = UpstreamPool(connect_timeout_s=10)
         #: The token envd requires now (the last /init set it).
         self.envd_token: str | None = None
         #: Every forwarded request: (sandbox id, port, path with query, headers).
         self.forwarded: list[tuple[str, int, str, dict[str, str]]] = []
         agent.on_start = self._init_envd
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        await self.upstream.aclose()
 
     async def _init_envd(self, sandbox: FakeSandbox) -> None:
         headers = {"X-Access-Token": self.envd_token} if self.envd_token else {}
@@ -80,8 +86,9 @@ class ForwardingHost:
                 scope,
                 receive,
                 send,
-                self.client,
-                httpx.URL(base + rest),
+                self.upstream,
+                Origin.parse(base),
+                rest.encode("latin-1"),
                 headers,
                 unreachable=f"port {port} of sandbox {sandbox_id} is not open",
             )

@@ -137,7 +137,7 @@ def proxied(make_stack: Any, request: pytest.FixtureRequest) -> Iterator[Proxied
         app = LoopbackApp()
         served = stack.serve(app)
         yield Proxied(stack, host, forward, envd, stack.serve_proxy(), served.port, app)
-        stack.run(forward.client.aclose())
+        stack.run(forward.aclose())
     finally:
         envd.stop()
         rep = getattr(request.node, "rep_call", None)

@@ -37,7 +37,6 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
-import httpx
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -47,6 +46,7 @@ from wrenn.controlplane.context import ServerContext
 from wrenn.controlplane.db.records import Host, Sandbox, SandboxState
 from wrenn.controlplane.errors import BadGateway, Conflict
 from wrenn.controlplane.events import Event
+from wrenn.controlplane.upstream import Origin, UpstreamPool
 from wrenn.core.errors import (
     Internal,
     InvalidArgument,
@@ -63,8 +63,10 @@ ENVD_PORT = 49983
 SANDBOX_ID_HEADER = b"e2b-sandbox-id"
 SANDBOX_PORT_HEADER = b"e2b-sandbox-port"
 TRAFFIC_TOKEN_HEADER = b"e2b-traffic-access-token"
-#: Headers the proxy consumes: never passed on.
-_OWN_HEADERS = frozenset({SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER, b"host"})
+#: Headers the proxy consumes (or answers itself, as ``Expect``): never passed on.
+_OWN_HEADERS = frozenset(
+    {SANDBOX_ID_HEADER, SANDBOX_PORT_HEADER, TRAFFIC_TOKEN_HEADER, b"host", b"expect"}
+)
 _HOST = re.compile(r"^([0-9]{1,5})-([a-z0-9]{1,64})\.([^:]+)(?::[0-9]+)?$")
 _ENDED = frozenset({SandboxState.KILLED, SandboxState.FAILED, SandboxState.STOPPING})
 _PAUSED = frozenset({SandboxState.PAUSED, SandboxState.PAUSING})
@@ -119,29 +121,18 @@ class _Route:
 class SandboxProxy:
     """ASGI app serving sandbox traffic (see the module docstring)."""
 
-    def __init__(self, ctx: ServerContext, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, ctx: ServerContext) -> None:
         self._ctx = ctx
         cfg = ctx.config
         self._domain = cfg.domain
         self._cache_s = cfg.proxy_cache_s
         self._wait_s = cfg.proxy_resume_wait_s
         self._routes: dict[str, _Route] = {}
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(
-                connect=cfg.proxy_connect_timeout_s,
-                read=None,
-                write=None,
-                pool=cfg.proxy_connect_timeout_s,
-            ),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
-            follow_redirects=False,
-            trust_env=False,
-            transport=transport,
-        )
+        self._upstream = UpstreamPool(connect_timeout_s=cfg.proxy_connect_timeout_s)
         ctx.events.subscribe(self._forget)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._upstream.aclose()
 
     def _forget(self, event: Event) -> None:
         sandbox_id = event.data.get("sandboxID")
@@ -271,24 +262,22 @@ class SandboxProxy:
         )
         if query:
             path += b"?" + query
-        base = httpx.URL(host.address)
         unreachable = f"sandbox {target.sandbox_id!r} could not be reached through its host"
+        try:
+            origin = Origin.parse(host.address)
+        except ValueError:
+            await _refuse(scope, receive, send, BadGateway(f"{unreachable} (bad host address)"))
+            return
         if scope["type"] == "websocket":
-            scheme = "wss" if base.scheme == "https" else "ws"
-            url = str(base.copy_with(scheme=scheme, raw_path=path))
+            scheme = "wss" if origin.scheme == "https" else "ws"
+            url = f"{scheme}://{origin.authority.decode()}{path.decode('latin-1')}"
             await relay.relay_websocket(
                 scope, receive, send, url, headers, open_timeout_s=_WS_OPEN_TIMEOUT_S
             )
             return
         try:
             await relay.relay_http(
-                scope,
-                receive,
-                send,
-                self._client,
-                base.copy_with(raw_path=path),
-                headers,
-                unreachable=unreachable,
+                scope, receive, send, self._upstream, origin, path, headers, unreachable=unreachable
             )
         except BadGateway as err:
             _log.warning("proxy.unreachable", sandbox_id=target.sandbox_id, host_id=host.id)

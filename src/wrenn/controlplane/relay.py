@@ -1,7 +1,8 @@
 """Relaying one client request to an upstream URL and its answer back, as it flows.
 
-HTTP: the request body goes up while the client sends it, the response comes down chunk by
-chunk as the upstream writes it (``aiter_raw``: bytes as they arrive, encodings untouched).
+HTTP (through ``upstream.UpstreamPool``): the request body goes up while the client sends it,
+the response comes down piece by piece as the upstream writes it (bytes as they arrive,
+encodings untouched).
 Nothing is buffered beyond one chunk. Once the request body is in, the client's connection is
 watched: when it goes away the upstream request is cancelled, so a process stream never
 outlives its reader. WebSockets: both directions message by message.
@@ -12,16 +13,17 @@ Hop-by-hop headers stay on their hop (RFC 9110 §7.6.1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterable
 
-import httpx
 from starlette.types import Message, Receive, Scope, Send
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from wrenn import log
 from wrenn.controlplane.errors import BadGateway
+from wrenn.controlplane.upstream import Origin, UpstreamError, UpstreamPool
 from wrenn.core.errors import WrennError
 
 _log = log.get(__name__)
@@ -57,23 +59,34 @@ class _ClientGone(Exception):
     """The client disconnected while its request body was being read."""
 
 
-def _has_body(scope: Scope) -> bool:
-    return any(k in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"])
+def _body_length(scope: Scope) -> tuple[bool, int | None]:
+    """Whether the request has a body, and its Content-Length when given."""
+    has_body, length = False, None
+    for key, value in scope["headers"]:
+        if key == b"content-length":
+            has_body = True
+            with contextlib.suppress(ValueError):
+                length = int(value)
+        elif key == b"transfer-encoding":
+            has_body = True
+    return has_body, length
 
 
 async def relay_http(
     scope: Scope,
     receive: Receive,
     send: Send,
-    client: httpx.AsyncClient,
-    url: httpx.URL,
+    pool: UpstreamPool,
+    origin: Origin,
+    target: bytes,
     headers: Headers,
     *,
     unreachable: str,
 ) -> None:
-    """Forward the request to ``url``; ``BadGateway(unreachable)`` when it cannot be sent."""
+    """Forward the request to ``target`` at ``origin``; ``BadGateway(unreachable)`` when it
+    cannot be sent or no answer comes back."""
     body_done = asyncio.Event()
-    has_body = _has_body(scope)
+    has_body, length = _body_length(scope)
     if not has_body:
         body_done.set()
 
@@ -92,38 +105,37 @@ async def relay_http(
             body_done.set()
 
     async def exchange() -> None:
-        request = client.build_request(
-            scope["method"],
-            url,
-            headers=headers,
-            content=request_body() if has_body else None,
-        )
         try:
-            response = await client.send(request, stream=True)
+            response = await pool.request(
+                origin,
+                scope["method"],
+                target,
+                headers,
+                request_body() if has_body else None,
+                body_length=length,
+            )
         except _ClientGone:
             return
-        except httpx.TransportError as err:
-            raise BadGateway(f"{unreachable} ({type(err).__name__})") from err
+        except UpstreamError as err:
+            raise BadGateway(f"{unreachable} ({err})") from err
         try:
             await send(
                 {
                     "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": [
-                        (k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP
-                    ],
+                    "status": response.status,
+                    "headers": [(k, v) for k, v in response.headers if k not in HOP_BY_HOP],
                 }
             )
             try:
-                async for chunk in response.aiter_raw():
+                async for chunk in response.body():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except httpx.TransportError as err:
+            except UpstreamError as err:
                 # The status is out; all that is left is to cut the response short.
-                _log.info("proxy.upstream_broken", error=type(err).__name__)
+                _log.info("proxy.upstream_broken", error=str(err))
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await response.aclose()
+            response.close()
 
     async def watch(relay: asyncio.Future[None]) -> None:
         await body_done.wait()

@@ -1,0 +1,327 @@
+"""Control plane figures: GET /v2/sandboxes throughput with 1,000 sandboxes on SQLite and
+PostgreSQL, and what the sandbox proxy costs on a 100 MB download and upload compared with
+talking to envd directly. Prints tables; asserts nothing.
+
+    .venv/bin/python bench/controlplane.py
+
+What each row measures:
+- list: requests per second of GET /v2/sandboxes (one team owning 1,000 sandboxes, each with
+  two metadata entries) from 16 concurrent keep-alive clients for 5 s, at the SDK's default
+  page (limit=100) and the largest (limit=1000).
+- download / upload: 100 MB (10^6 bytes) through envd's GET / POST /files with a streaming
+  client: straight to envd; through the host agent's forwarding path (its test double, the
+  same hop a real agent adds); and through the proxy in front of it (E2b-Sandbox-Id routing).
+  Best of three rounds, interleaved. The ratio is direct throughput over proxied throughput
+  (1.0: no cost).
+
+The control plane, the forwarding double and envd each run in a process of their own, and the
+measuring client in another, as they would on real machines (here they share its cores).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.report import machine, table
+
+SANDBOXES = 1000
+CLIENTS = 16
+LIST_SECONDS = 5.0
+SIZE = 100 * 10**6
+CHUNK = 1 << 20
+#: The background workers at their default pace (the test stack polls much faster).
+PRODUCTION_PACE = {"lifecycle_interval_s": 1.0, "webhook_poll_s": 1.0}
+#: Transfers per path; the best counts.
+ROUNDS = 3
+
+
+# --- the child: a control plane to measure ----------------------------------------------
+
+
+async def _seed(stack: Any, team_id: str) -> None:
+    from wrenn.controlplane import ids
+    from wrenn.controlplane.db.records import Sandbox, SandboxState
+
+    host_id = stack.hosts[0].host_id
+    now = datetime.now(UTC)
+    async with stack.cp.db.transaction() as tx:
+        for i in range(SANDBOXES):
+            at = now - timedelta(seconds=i)
+            await tx.sandboxes.insert(
+                Sandbox(
+                    id=ids.sandbox_id(),
+                    team_id=team_id,
+                    host_id=host_id,
+                    template_id="base",
+                    alias=None,
+                    snapshot_id=None,
+                    state=SandboxState.RUNNING if i % 4 else SandboxState.PAUSED,
+                    vcpus=2,
+                    memory_mib=512,
+                    disk_mib=1024,
+                    envd_version="0.6.4",
+                    envd_access_token=ids.envd_access_token(),
+                    allow_internet_access=True,
+                    auto_pause=False,
+                    auto_resume=False,
+                    build_id=None,
+                    started_at=at,
+                    end_at=at + timedelta(hours=1),
+                    created_at=at,
+                    metadata={"suite": "bench", "n": str(i)},
+                )
+            )
+
+
+def child(mode: str, arg: str) -> None:
+    from tests.controlplane.conftest import LoopThread, PostgresServer, Served, Stack
+    from tests.controlplane.fake_agent import FakeHostAgent
+    from tests.controlplane.forward_double import ForwardingHost
+    from wrenn import log
+    from wrenn.envd.config import ENVD_VERSION
+
+    log.configure("warning")
+    cleanup: list[Any] = []
+    try:
+        if mode == "list":
+            if arg == "postgresql":
+                pg = PostgresServer()
+                cleanup.append(pg.stop)
+                _, url = pg.create_database()
+            else:
+                tmp = tempfile.TemporaryDirectory(prefix="wrenn-bench-")
+                cleanup.append(tmp.cleanup)
+                url = f"sqlite+aiosqlite:///{tmp.name}/cp.db"
+            stack = Stack(url, **PRODUCTION_PACE)
+            cleanup.insert(0, stack.close)
+            stack.add_host()
+            team_id, key = stack.new_team("bench")
+            stack.run(_seed(stack, team_id), timeout_s=600)
+            out = {"api": stack.url, "key": key}
+        elif mode == "agent":
+            loop = LoopThread()
+            cleanup.append(loop.close)
+            served = Served(loop, ForwardingHost(FakeHostAgent(envd_version=ENVD_VERSION), arg))
+            cleanup.insert(0, served.stop)
+            out = {"agent": served.url}
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="wrenn-bench-")
+            cleanup.append(tmp.cleanup)
+            stack = Stack(
+                f"sqlite+aiosqlite:///{tmp.name}/cp.db", proxy_cache_s=1.0, **PRODUCTION_PACE
+            )
+            cleanup.insert(0, stack.close)
+            token = stack.admin.post("/v1/hosts/tokens").json()["token"]
+            reg = stack.admin.post("/v1/hosts/register", json={"token": token, "address": arg})
+            host_id, secret = reg.json()["hostID"], reg.json()["hostSecret"]
+            stack.admin.post(
+                f"/v1/hosts/{host_id}/heartbeat",
+                json=FakeHostAgent(envd_version=ENVD_VERSION).heartbeat_body(),
+                headers={"Authorization": f"Bearer {secret}"},
+            ).raise_for_status()
+            sandbox = stack.admin.post("/v2/sandboxes", json={"templateID": "base"}).json()
+            out = {
+                "proxy": stack.serve_proxy(),
+                "sandbox": sandbox["sandboxID"],
+                "token": sandbox["envdAccessToken"],
+            }
+        print(json.dumps(out), flush=True)
+        sys.stdin.read()  # until the parent is done
+    finally:
+        for step in cleanup:
+            step()
+
+
+class Child:
+    def __init__(self, mode: str, arg: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", mode, arg],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"bench child {mode} {arg} failed")
+        self.info: dict[str, str] = json.loads(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# --- the measurements -------------------------------------------------------------------
+
+
+async def list_rate(api: str, key: str, limit: int) -> tuple[float, int]:
+    """Requests per second, and the items of one answer."""
+    async with httpx.AsyncClient(
+        base_url=api,
+        headers={"X-API-Key": key},
+        timeout=60,
+        limits=httpx.Limits(max_connections=CLIENTS),
+    ) as client:
+        first = await client.get("/v2/sandboxes", params={"limit": limit})
+        first.raise_for_status()
+        done = 0
+        stop = time.perf_counter() + LIST_SECONDS
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                resp = await client.get("/v2/sandboxes", params={"limit": limit})
+                resp.raise_for_status()
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(CLIENTS)))
+        return done / (time.perf_counter() - start), len(first.json())
+
+
+def transfer(url: str, headers: dict[str, str], path: str) -> tuple[float, float]:
+    """MB/s of one 100 MB upload and one 100 MB download."""
+    block = os.urandom(CHUNK)
+
+    def body() -> Any:
+        sent = 0
+        while sent < SIZE:
+            piece = block[: min(CHUNK, SIZE - sent)]
+            sent += len(piece)
+            yield piece
+
+    with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+        start = time.perf_counter()
+        resp = client.post(
+            "/files",
+            params={"path": path},
+            content=body(),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        resp.raise_for_status()
+        up = SIZE / 10**6 / (time.perf_counter() - start)
+        start = time.perf_counter()
+        got = 0
+        with client.stream("GET", "/files", params={"path": path}) as stream:
+            stream.raise_for_status()
+            for chunk in stream.iter_raw(CHUNK):
+                got += len(chunk)
+        down = got / 10**6 / (time.perf_counter() - start)
+        assert got == SIZE, got
+    return up, down
+
+
+def bench_list() -> None:
+    rows: list[list[object]] = []
+    for backend in ("sqlite", "postgresql"):
+        c = Child("list", backend)
+        try:
+            for limit in (100, 1000):
+                rate, items = asyncio.run(list_rate(c.info["api"], c.info["key"], limit))
+                rows.append([backend, f"limit={limit}", items, f"{rate:,.0f}"])
+        finally:
+            c.close()
+    print()
+    print(
+        table(
+            f"GET /v2/sandboxes, {SANDBOXES:,} sandboxes, {CLIENTS} clients",
+            ["database", "page", "items", "req/s"],
+            rows,
+        )
+    )
+
+
+def bench_proxy() -> None:
+    from tests.conftest import EnvdProcess
+
+    envd = EnvdProcess()
+    workdir = tempfile.mkdtemp(prefix="wrenn-bench-files-")
+    children: list[Child] = []
+    try:
+        agent = Child("agent", envd.url)
+        children.append(agent)
+        c = Child("proxy", agent.info["agent"])
+        children.append(c)
+        sid, token = c.info["sandbox"], c.info["token"]
+        auth = {"X-Access-Token": token}
+        paths = [
+            ("envd directly", envd.url, auth),
+            (
+                "agent forwarding path (double)",
+                f"{agent.info['agent']}/sandboxes/{sid}/port/49983",
+                auth,
+            ),
+            (
+                "proxy -> forwarding path",
+                c.info["proxy"],
+                {**auth, "E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983"},
+            ),
+        ]
+        best = {name: (0.0, 0.0) for name, _, _ in paths}
+        for _ in range(ROUNDS):  # interleaved, best of each: the machine is shared
+            for i, (name, url, headers) in enumerate(paths):
+                up, down = transfer(url, headers, f"{workdir}/blob{i}")
+                best[name] = (max(best[name][0], up), max(best[name][1], down))
+        results = [(name, *best[name]) for name, _, _ in paths]
+        direct_up, direct_down = results[0][1], results[0][2]
+        rows = [
+            [
+                name,
+                f"{up:,.0f}",
+                f"{direct_up / up:.2f}",
+                f"{down:,.0f}",
+                f"{direct_down / down:.2f}",
+            ]
+            for name, up, down in results
+        ]
+        print()
+        print(
+            table(
+                "100 MB through /files (MB/s; ratio = direct / this)",
+                ["path", "upload", "ratio", "download", "ratio"],
+                rows,
+            )
+        )
+    finally:
+        for child_process in reversed(children):
+            child_process.close()
+        envd.stop()
+        envd.log.unlink(missing_ok=True)
+        for f in Path(workdir).iterdir():
+            f.unlink()
+        os.rmdir(workdir)
+
+
+def main(parts: list[str]) -> None:
+    """``bench/controlplane.py [list] [proxy]``: the parts named, or both."""
+    print(machine())
+    if not parts or "list" in parts:
+        bench_list()
+    if not parts or "proxy" in parts:
+        bench_proxy()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1:])
