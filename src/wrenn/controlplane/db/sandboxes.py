@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select, update
+from sqlalchemy import ColumnElement, Row, and_, exists, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from wrenn.controlplane.db.records import Page, Sandbox, SandboxState
@@ -49,7 +49,7 @@ def decode_cursor(token: str) -> tuple[datetime, str]:
         raise InvalidArgument(f"invalid nextToken: {token!r}") from err
 
 
-def _sandbox(row: SandboxRow, metadata: dict[str, str]) -> Sandbox:
+def _sandbox(row: SandboxRow | Row[Any], metadata: dict[str, str]) -> Sandbox:
     return Sandbox(
         id=row.id,
         team_id=row.team_id,
@@ -115,11 +115,14 @@ class SandboxRepository:
         out: dict[str, dict[str, str]] = {sid: {} for sid in wanted}
         if not wanted:
             return out
-        rows = await self._s.scalars(
-            select(SandboxMetadataRow).where(SandboxMetadataRow.sandbox_id.in_(wanted))
+        # Plain rows, not ORM objects: listings read hundreds of them.
+        rows = await self._s.execute(
+            select(
+                SandboxMetadataRow.sandbox_id, SandboxMetadataRow.key, SandboxMetadataRow.value
+            ).where(SandboxMetadataRow.sandbox_id.in_(wanted))
         )
-        for row in rows:
-            out[row.sandbox_id][row.key] = row.value
+        for sandbox_id, key, value in rows:
+            out[sandbox_id][key] = value
         return out
 
     async def get(self, sandbox_id: str) -> Sandbox | None:
@@ -136,7 +139,7 @@ class SandboxRepository:
         rows = list(await self._s.scalars(select(SandboxRow).where(SandboxRow.id.in_(wanted))))
         return {s.id: s for s in await self._records(rows)}
 
-    async def _records(self, rows: list[SandboxRow]) -> list[Sandbox]:
+    async def _records(self, rows: Sequence[SandboxRow | Row[Any]]) -> list[Sandbox]:
         metadata = await self._metadata(r.id for r in rows)
         return [_sandbox(r, metadata[r.id]) for r in rows]
 
@@ -183,9 +186,13 @@ class SandboxRepository:
             if query.order == "asc"
             else (SandboxRow.started_at.desc(), SandboxRow.id.desc())
         )
+        # Plain rows, not ORM objects: a page is up to a thousand of them.
         rows = list(
-            await self._s.scalars(
-                select(SandboxRow).where(*conditions).order_by(*order).limit(query.limit + 1)
+            await self._s.execute(
+                select(SandboxRow.__table__)
+                .where(*conditions)
+                .order_by(*order)
+                .limit(query.limit + 1)
             )
         )
         more = len(rows) > query.limit
