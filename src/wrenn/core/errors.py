@@ -12,6 +12,7 @@ edge (Connect RPC error, or HTTP status with body ``{"code", "message"}``).
     │   └── StorageExhausted        resource_exhausted    507
     ├── DeadlineExceeded            deadline_exceeded     504
     ├── Unavailable                 unavailable           503
+    │   └── BadGateway              unavailable           502
     ├── Unimplemented               unimplemented         501
     ├── Corrupted                   data_loss             500
     └── Internal                    internal              500
@@ -125,6 +126,15 @@ class DeadlineExceeded(WrennError):
 
 class Unavailable(WrennError):
     code = Code.UNAVAILABLE
+
+
+class BadGateway(Unavailable):
+    """A proxy reached the sandbox but not the port behind it: HTTP 502, as E2B's proxy
+    answers (the SDK reads "port is not open" in the message as SandboxUnreachable)."""
+
+    @property
+    def http_status(self) -> int:
+        return 502
 
 
 class Unimplemented(WrennError):
