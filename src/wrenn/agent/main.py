@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> None:
         # Forwarded streams (process output, file transfers) must not hold shutdown hostage.
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run()
+    try:
+        uvicorn.Server(config).run()
+    except KeyboardInterrupt:
+        # uvicorn re-raises the SIGINT it shut down on after the lifespan has stopped every
+        # VM and torn the slots down: a clean, requested stop, not an error.
+        return
 
 
 if __name__ == "__main__":

@@ -210,8 +210,10 @@ def _commands(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="wrenn-cp", description="Wrenn control plane")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="serve the API and the sandbox proxy (the default)")
-    key = commands.add_parser("create-key", help="create a team and print an API key for it")
-    key.add_argument("--team", default="default", help="name of the new team")
+    key = commands.add_parser(
+        "create-key", help="print a new API key for a team, creating the team if it is new"
+    )
+    key.add_argument("--team", default="default", help="name of the team")
     key.add_argument("--admin", action="store_true", help="make the team an admin team")
     commands.add_parser("create-host-token", help="print a one-time host registration token")
     return parser.parse_args(argv)
@@ -239,5 +241,11 @@ def run(
         print(asyncio.run(bootstrap.create_host_token(settings, extensions=extensions)))
         return
     log.configure(settings.log_level)
-    if not asyncio.run(serve(build(settings, extensions), settings)):
+    try:
+        started = asyncio.run(serve(build(settings, extensions), settings))
+    except KeyboardInterrupt:
+        # uvicorn re-raises the SIGINT it shut down on once both servers have stopped: the
+        # stop was clean and asked for, so it ends the process without a traceback.
+        return
+    if not started:
         sys.exit(1)

@@ -38,12 +38,16 @@ async def create_key(
     admin: bool = False,
     extensions: Sequence[Extension] = (),
 ) -> BootstrapKey:
-    """A new team named ``team_name`` and a key for it (the ``wrenn-cp create-key`` command)."""
+    """A new key for the team named ``team_name`` (the ``wrenn-cp create-key`` command): the
+    oldest team of that name and admin flag, created when there is none, so running the
+    command again adds a key to the same team."""
     db = Database(settings.resolved_database_url())
     try:
         await db.migrate(_locations(extensions))
         async with db.transaction() as tx:
-            team = await tx.teams.create(team_name, is_admin=admin)
+            await tx.teams.lock()
+            named = [t for t in await tx.teams.all() if (t.name, t.is_admin) == (team_name, admin)]
+            team = named[0] if named else await tx.teams.create(team_name, is_admin=admin)
             _, secret = await tx.teams.create_key(team.id, "cli")
         return BootstrapKey(team_id=team.id, api_key=secret)
     finally:
