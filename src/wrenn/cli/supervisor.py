@@ -113,6 +113,12 @@ class Supervisor:
         with self._lock:
             self._console().print(Text.assemble((f"{name:<{width}} | ", style), message))
 
+    def show(self, text: str) -> None:
+        """Print ``text`` as it is (no name column, no markup), between whole lines of the
+        children's output."""
+        with self._lock:
+            self._console().print(text, markup=False, highlight=False)
+
     def _pump(self, child: _Child) -> None:
         assert child.proc.stdout is not None
         for raw in child.proc.stdout:

@@ -19,6 +19,7 @@ from typing import Annotated
 import httpx
 import typer
 
+from wrenn.cli.quickstart import Announcer, Endpoints, create_key
 from wrenn.cli.supervisor import ChildSpec, Supervisor
 from wrenn.core.errors import FailedPrecondition
 
@@ -100,6 +101,14 @@ def up(
         float,
         typer.Option("--grace", min=0, help="Seconds to wait for a clean stop before SIGKILL."),
     ] = 10.0,
+    quickstart: Annotated[
+        bool,
+        typer.Option(
+            "--quickstart",
+            help="Once sandboxes can be created, print the URLs, a new API key of the team "
+            "'default' and an e2b SDK example.",
+        ),
+    ] = False,
 ) -> None:
     """Run the control plane and a host agent in the foreground.
 
@@ -119,5 +128,16 @@ def up(
             if not agent_env.get("WRENN_AGENT_REGISTRATION_TOKEN"):
                 agent_env["WRENN_AGENT_REGISTRATION_TOKEN"] = host_token(cp_script, env)
         specs.append(ChildSpec("agent", [agent_script], agent_env))
-    code = Supervisor(specs, grace_s=grace_s).run()
+    supervisor = Supervisor(specs, grace_s=grace_s)
+    announcer = None
+    if quickstart:
+        announcer = Announcer(
+            Endpoints.of(cp_url, env, with_agent=agent_script is not None),
+            lambda: create_key(cp_script, env),
+            lambda message, style: supervisor.say("up", message, style),
+            supervisor.show,
+        ).start()
+    code = supervisor.run()
+    if announcer is not None:
+        announcer.stop()
     raise typer.Exit(code)
