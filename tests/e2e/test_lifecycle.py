@@ -1,0 +1,116 @@
+"""Sandbox lifecycles through the e2b SDK: the end of a timeout, pause and resume (a running
+process and memory-only files survive), connect resuming a paused sandbox, and a named
+snapshot that new sandboxes start from."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from e2b import Sandbox, SandboxNotFoundException, SandboxQuery, SandboxState
+
+from tests.e2e.conftest import Sandboxes
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow]
+
+#: The control plane checks for expired sandboxes every second; killing one takes the agent a
+#: moment, under TCG and a loaded machine several.
+GONE_WITHIN_S = 120.0
+#: Counts in /tmp/count (a tmpfs: guest memory) five times a second, forever; each value
+#: replaces the file whole, so a reader never sees it half written.
+COUNTER = (
+    "i=0; while true; do i=$((i+1)); echo $i > /tmp/count.new; mv /tmp/count.new /tmp/count; "
+    "sleep 0.2; done"
+)
+
+
+def _count(sbx: Sandbox) -> int:
+    """The counter's value; 0 before its first write."""
+    return int(sbx.commands.run("cat /tmp/count 2>/dev/null || echo 0").stdout)
+
+
+def _counting(sbx: Sandbox) -> bool:
+    """Whether the counter still runs: its value grows while we wait."""
+    first = _count(sbx)
+    for _ in range(50):
+        time.sleep(0.2)
+        if _count(sbx) > first:
+            return True
+    return False
+
+
+def _state(sbx_id: str) -> SandboxState:
+    return Sandbox.get_info(sbx_id).state
+
+
+def test_sandbox_is_gone_after_its_timeout(sandboxes: Sandboxes, run_id: str) -> None:
+    short = sandboxes.create(timeout=5, metadata={"role": "short"})
+    assert short.commands.run("echo alive").stdout == "alive\n"
+    query = SandboxQuery(metadata={"e2e": run_id, "role": "short"})
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while Sandbox.list(query=query).next_items() and time.monotonic() < deadline:
+        time.sleep(1)
+    assert Sandbox.list(query=query).next_items() == []
+    assert not short.is_running()
+    with pytest.raises(SandboxNotFoundException):
+        Sandbox.get_info(short.sandbox_id)
+
+
+def test_pause_resume_and_connect(sandboxes: Sandboxes, run_id: str) -> None:
+    sbx = sandboxes.create(metadata={"role": "paused"})
+    counter = sbx.commands.run(COUNTER, background=True)
+    sbx.files.write("/home/user/disk.txt", "on disk")
+    sbx.files.write("/tmp/memory.txt", "in memory")
+    assert _counting(sbx)
+
+    assert sbx.pause() is True
+    assert _state(sbx.sandbox_id) == SandboxState.PAUSED
+    paused = Sandbox.list(
+        query=SandboxQuery(metadata={"e2e": run_id}, state=[SandboxState.PAUSED])
+    ).next_items()
+    assert [s.sandbox_id for s in paused] == [sbx.sandbox_id]
+    assert Sandbox.pause(sbx.sandbox_id) is False  # already paused
+
+    # Resume: the same object reconnects; processes, memory and disk are as they were.
+    sbx.connect()
+    assert _state(sbx.sandbox_id) == SandboxState.RUNNING
+    assert sbx.files.read("/home/user/disk.txt") == "on disk"
+    assert sbx.files.read("/tmp/memory.txt") == "in memory"
+    assert counter.pid in [p.pid for p in sbx.commands.list()]
+    assert _counting(sbx)
+
+    # Connecting by id to a paused sandbox resumes it too.
+    Sandbox.pause(sbx.sandbox_id)
+    assert _state(sbx.sandbox_id) == SandboxState.PAUSED
+    again = Sandbox.connect(sbx.sandbox_id)
+    assert again.sandbox_id == sbx.sandbox_id
+    assert _state(sbx.sandbox_id) == SandboxState.RUNNING
+    assert again.files.read("/tmp/memory.txt") == "in memory"
+    assert _counting(again)
+
+
+def test_named_snapshot_starts_new_sandboxes(sandboxes: Sandboxes, run_id: str) -> None:
+    source = sandboxes.create(metadata={"role": "snapshot-source"})
+    source.files.write("/home/user/before.txt", "before the snapshot")
+    source.commands.run(COUNTER, background=True)
+    name = f"e2e-{run_id}"
+    snapshot = source.create_snapshot(name=name)
+    assert name in snapshot.names
+    try:
+        # The source keeps running; what it writes after the snapshot stays its own.
+        source.files.write("/home/user/after.txt", "after the snapshot")
+        assert _counting(source)
+
+        spawned = sandboxes.create(template=name, metadata={"role": "from-snapshot"})
+        assert spawned.sandbox_id != source.sandbox_id
+        assert spawned.files.read("/home/user/before.txt") == "before the snapshot"
+        assert not spawned.files.exists("/home/user/after.txt")
+        assert _counting(spawned)  # the counter was running in the snapshot's memory
+        spawned.files.write("/home/user/spawned.txt", "mine")
+        assert not source.files.exists("/home/user/spawned.txt")
+        listed = Sandbox.list_snapshots(sandbox_id=source.sandbox_id).next_items()
+        assert [s.snapshot_id for s in listed] == [snapshot.snapshot_id]
+        spawned.kill()
+    finally:
+        sandboxes.close()  # a snapshot a running sandbox was restored from cannot be deleted
+        Sandbox.delete_snapshot(snapshot.snapshot_id)
