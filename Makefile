@@ -7,13 +7,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SYSTEM_STAMP := $(VENV)/.system-packages
 # Debian packages the platform and its tests use.
-APT_PACKAGES := iproute2 procps psmisc socat util-linux postgresql nftables xfsprogs mount e2fsprogs debootstrap qemu-system-x86
+APT_PACKAGES := iproute2 procps psmisc socat util-linux postgresql nftables xfsprogs mount e2fsprogs debootstrap qemu-system-x86 python3-venv ca-certificates
+# Where `make test` keeps the guest image the VM tests boot (the tests read the same variable).
+WRENN_TEST_STATE_DIR ?= /var/lib/wrenn
 
-.PHONY: run test lint fmt proto proto-check bench venv system clean
+.PHONY: run test lint fmt proto proto-check bench venv system image root clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The venv needs python3-venv from the system packages.
+$(STAMP): pyproject.toml | $(SYSTEM_STAMP)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
@@ -31,11 +34,25 @@ $(SYSTEM_STAMP): Makefile
 	fi
 	@touch $@
 
-run: system venv
-	$(VENV)/bin/wrenn-envd
+root:
+	@test "$$(id -u)" = 0 || { echo "make $(MAKECMDGOALS) needs root (apt, namespaces, taps, loop mounts)" >&2; exit 1; }
 
-test: system venv
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The quick start: the guest image (built once, with progress bars), then the control plane and a
+# host agent in the foreground with their state under /var/lib/wrenn; it prints the API URL, a new
+# API key and an e2b SDK example once sandboxes can be created. Ctrl-C stops both.
+run: root system venv
+	$(VENV)/bin/wrenn template build base
+	exec $(VENV)/bin/wrenn up --quickstart --grace 60
+
+# The guest image the VM and end-to-end tests boot, built before pytest so a first build (minutes)
+# shows its progress; without root those tests skip and so does this.
+image: system venv
+	@if [ "$$(id -u)" = 0 ]; then \
+		$(VENV)/bin/wrenn template build base --state-dir "$(WRENN_TEST_STATE_DIR)"; \
+	else echo "not root: no guest image, the VM tests will skip"; fi
+
+test: system venv image
+	WRENN_TEST_STATE_DIR="$(WRENN_TEST_STATE_DIR)" $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
@@ -53,8 +70,9 @@ proto: venv
 proto-check: venv
 	$(PY) scripts/gen_proto.py --check
 
+# Every benchmark, then one table of the headline figures and the machine they ran on.
 bench: system venv
-	@for f in bench/*.py; do $(PY) $$f || exit 1; done
+	$(PY) bench/all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

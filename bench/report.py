@@ -3,10 +3,35 @@ figures and ratios measured in one run; they never assert."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+#: Where ``table`` also records what it formats while ``collecting()`` is active.
+_collected: list[Table] | None = None
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table a benchmark printed, as data (``bench/all.py`` builds its summary from these)."""
+
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+
+
+@contextlib.contextmanager
+def collecting() -> Iterator[list[Table]]:
+    """Every table formatted by ``table`` inside the block, in order."""
+    global _collected
+    previous, _collected = _collected, []
+    try:
+        yield _collected
+    finally:
+        _collected = previous
 
 
 def machine() -> str:
@@ -41,6 +66,8 @@ def p50(samples: Sequence[float]) -> float:
 
 def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    if _collected is not None:
+        _collected.append(Table(title, tuple(cells[0]), tuple(tuple(r) for r in cells[1:])))
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
 
     def line(r: Sequence[str]) -> str:

@@ -45,6 +45,13 @@ _EXAMPLE = re.compile(r"^(\S+) - <<'EOF'\n(.*?)^EOF$", re.M | re.S)
 _CHILD = re.compile(r"^(\w+)\s*\| started \(pid (\d+)\)", re.M)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The end-to-end tests run last (in their own order), so the stack they share for the
+    session is started after every other test and stopped right after its own."""
+    here = Path(__file__).parent
+    items.sort(key=lambda item: here in item.path.parents)
+
+
 def _needs_root_and_qemu() -> str | None:
     if os.geteuid() != 0:
         return "the stack's host agent needs root"
