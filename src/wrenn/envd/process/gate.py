@@ -15,6 +15,10 @@ else can reach the gate. Should envd go away, the kernel allows whatever is stil
 
 Needs ``CAP_SYS_ADMIN`` and a kernel with ``CONFIG_FANOTIFY_ACCESS_PERMISSIONS``;
 :meth:`SpawnGate.open` raises ``OSError`` otherwise.
+
+A child at the gate waits for the event loop, and the thread that spawned it cannot be stopped
+until the child has exec'd: a tracer that stops all of envd's threads before going on (py-spy
+in its default blocking mode, gdb) deadlocks with a start in progress until it is killed.
 """
 
 from __future__ import annotations
