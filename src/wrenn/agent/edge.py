@@ -1,76 +1,15 @@
-"""The one place where the agent's errors become wire responses: Connect errors for the RPCs,
-``{"code", "message"}`` JSON bodies with the mapped HTTP status on the forwarding path."""
+"""The one place where the agent's errors become wire responses: Connect errors for the RPCs
+(expected errors logged at info), ``{"code", "message"}`` JSON bodies with the mapped HTTP
+status on the forwarding path."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from wrenn.core.connect import ErrorInterceptor as _SharedInterceptor
+from wrenn.core.connect import error_response
 
-from connectrpc.code import Code as ConnectCode
-from connectrpc.errors import ConnectError
-from connectrpc.request import RequestContext
-from starlette.responses import JSONResponse, Response
-
-from wrenn import log
-from wrenn.core.errors import WrennError
-
-_log = log.get(__name__)
-REQ = TypeVar("REQ")
-RES = TypeVar("RES")
+__all__ = ["ErrorInterceptor", "error_response"]
 
 
-def to_connect(err: WrennError) -> ConnectError:
-    return ConnectError(ConnectCode(err.code.value), err.message)
-
-
-def _map(exc: Exception, ctx: RequestContext[Any, Any]) -> Exception:
-    if isinstance(exc, ConnectError):
-        return exc
-    if isinstance(exc, WrennError):
-        _log.info("rpc.error", method=ctx.method.name, code=exc.code.value, error=exc.message)
-        return to_connect(exc)
-    _log.error("rpc.failed", method=ctx.method.name, exc_info=exc)
-    return ConnectError(ConnectCode.INTERNAL, "internal error")
-
-
-class ErrorInterceptor:
-    """Maps Wrenn errors to Connect errors; anything unexpected is logged once and becomes
-    ``internal`` without a traceback reaching the client."""
-
-    async def intercept_unary(
-        self,
-        call_next: Callable[[REQ, RequestContext[Any, Any]], Awaitable[RES]],
-        request: REQ,
-        ctx: RequestContext[Any, Any],
-    ) -> RES:
-        try:
-            return await call_next(request, ctx)
-        except Exception as exc:
-            raise _map(exc, ctx) from exc
-
-    async def intercept_client_stream(
-        self,
-        call_next: Callable[[AsyncIterator[REQ], RequestContext[Any, Any]], Awaitable[RES]],
-        request: AsyncIterator[REQ],
-        ctx: RequestContext[Any, Any],
-    ) -> RES:
-        try:
-            return await call_next(request, ctx)
-        except Exception as exc:
-            raise _map(exc, ctx) from exc
-
-    async def intercept_server_stream(
-        self,
-        call_next: Callable[[REQ, RequestContext[Any, Any]], AsyncIterator[RES]],
-        request: REQ,
-        ctx: RequestContext[Any, Any],
-    ) -> AsyncIterator[RES]:
-        try:
-            async for item in call_next(request, ctx):
-                yield item
-        except Exception as exc:
-            raise _map(exc, ctx) from exc
-
-
-def error_response(err: WrennError) -> Response:
-    return JSONResponse(err.to_body(), status_code=err.http_status)
+class ErrorInterceptor(_SharedInterceptor):
+    def __init__(self) -> None:
+        super().__init__(log_errors=True)
