@@ -198,7 +198,8 @@ def stack(e2e_image: GuestImage, request: pytest.FixtureRequest) -> Iterator[Sta
         left = _settled_leftovers(home)
         output = up.output()
         assert code == 0, f"wrenn up ended with {code}"
-        assert "Traceback" not in output
+        shutdown = output.split("SIGINT: stopping", 1)[-1]
+        assert "Traceback" not in shutdown, "a traceback while stopping"
         assert (left.vmm_processes, left.run_dirs) == (0, 0), left
         assert (left.namespaces, left.taps, left.host_links) == (0, 0, 0), left
         assert (left.mounts, left.loop_devices) == (0, 0), left

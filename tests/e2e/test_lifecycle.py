@@ -44,7 +44,7 @@ def _state(sbx_id: str) -> SandboxState:
 
 
 def test_sandbox_is_gone_after_its_timeout(sandboxes: Sandboxes, run_id: str) -> None:
-    short = sandboxes.create(timeout=5, metadata={"role": "short"})
+    short = sandboxes.create(timeout=10, metadata={"role": "short"})
     assert short.commands.run("echo alive").stdout == "alive\n"
     query = SandboxQuery(metadata={"e2e": run_id, "role": "short"})
     deadline = time.monotonic() + GONE_WITHIN_S
