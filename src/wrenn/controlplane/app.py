@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import uvicorn
+import uvloop
 from fastapi import FastAPI
 
 from wrenn import log
@@ -31,6 +32,7 @@ from wrenn.controlplane.db import Database
 from wrenn.controlplane.events import Events
 from wrenn.controlplane.extension import Extension, Worker, routers_of
 from wrenn.controlplane.hostpool import HostPool
+from wrenn.controlplane.keycache import KeyCache
 from wrenn.controlplane.lifecycle import LifecycleWorker
 from wrenn.controlplane.proxy import ProxyDispatch, SandboxProxy
 from wrenn.controlplane.reconciler import Reconciler
@@ -56,6 +58,7 @@ def context(settings: ControlPlaneSettings, extensions: Sequence[Extension] = ()
         sandboxes=Sandboxes(db, pool, settings, placement, events),
         audit=Audit(db),
         events=events,
+        keys=KeyCache(settings.api_key_cache_s),
         extensions=list(extensions),
     )
 
@@ -188,6 +191,7 @@ async def serve(app: FastAPI, settings: ControlPlaneSettings) -> bool:
             lifespan=lifespan,
             log_config=None,
             access_log=False,
+            http="httptools",
         )
 
     api = uvicorn.Server(config(app, settings.port, "on"))
@@ -242,7 +246,8 @@ def run(
         return
     log.configure(settings.log_level)
     try:
-        started = asyncio.run(serve(build(settings, extensions), settings))
+        # uvloop, as envd and the agent run: the API's request rate is bound by the loop.
+        started = uvloop.run(serve(build(settings, extensions), settings))
     except KeyboardInterrupt:
         # uvicorn re-raises the SIGINT it shut down on once both servers have stopped: the
         # stop was clean and asked for, so it ends the process without a traceback.

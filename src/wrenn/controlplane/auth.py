@@ -25,10 +25,13 @@ async def principal(
     if not secret:
         raise Unauthenticated("missing API key: send it in the X-API-Key header")
     cp = current(request)
-    async with cp.db.transaction() as tx:
-        found = await tx.teams.authenticate(secret)
+    found = cp.keys.get(secret)
     if found is None:
-        raise Unauthenticated("invalid or revoked API key")
+        async with cp.db.transaction() as tx:
+            found = await tx.teams.authenticate(secret)
+        if found is None:
+            raise Unauthenticated("invalid or revoked API key")
+        cp.keys.put(secret, found)
     request.state.principal = found  # read by the audit middleware
     return found
 
@@ -55,7 +58,13 @@ async def host(
     return found
 
 
+async def _context(request: Request) -> ServerContext:
+    # A coroutine on purpose: FastAPI runs a plain-function dependency on its thread pool,
+    # a thread hop per request for a dictionary lookup.
+    return current(request)
+
+
 Team = Annotated[Principal, Depends(principal)]
 Admin = Annotated[Principal, Depends(admin)]
 HostAuth = Annotated[Host, Depends(host)]
-CP = Annotated[ServerContext, Depends(current)]
+CP = Annotated[ServerContext, Depends(_context)]

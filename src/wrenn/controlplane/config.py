@@ -56,6 +56,9 @@ class ControlPlaneSettings(BaseSettings):
     #: How long the proxy trusts what it looked up about a sandbox (changes made by this
     #: process are seen at once; other replicas' after at most this).
     proxy_cache_s: float = Field(default=1.0, ge=0)
+    #: How long an authenticated API key is trusted without asking the database (revokes
+    #: through this process apply at once; other replicas' after at most this). 0: always ask.
+    api_key_cache_s: float = Field(default=5.0, ge=0)
 
     # --- reconciler ---
     #: How often the database is compared with what every live host runs.

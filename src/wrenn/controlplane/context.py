@@ -14,6 +14,7 @@ from wrenn.controlplane.config import ControlPlaneSettings
 from wrenn.controlplane.db import Database
 from wrenn.controlplane.events import Events
 from wrenn.controlplane.hostpool import HostPool
+from wrenn.controlplane.keycache import KeyCache
 from wrenn.controlplane.sandboxes import Sandboxes
 from wrenn.controlplane.scheduler import Scheduler
 
@@ -39,6 +40,8 @@ class ServerContext:
     sandboxes: Sandboxes
     audit: Audit
     events: Events
+    #: API keys recently authenticated (see ``keycache``).
+    keys: KeyCache
     extensions: list[Extension] = field(default_factory=list)
     #: Set by the first start on an empty database; ``None`` otherwise.
     bootstrap_key: BootstrapKey | None = None

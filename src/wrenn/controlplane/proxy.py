@@ -188,7 +188,7 @@ class SandboxProxy:
         sandbox: Sandbox | None = None
         host: Host | None = None
         if ids.is_sandbox_id(sandbox_id):
-            async with self._ctx.db.transaction() as tx:
+            async with self._ctx.db.transaction(read_only=True) as tx:
                 sandbox = await tx.sandboxes.get(sandbox_id)
                 if sandbox is not None and sandbox.host_id is not None:
                     host = await tx.hosts.get(sandbox.host_id)

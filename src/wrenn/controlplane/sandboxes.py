@@ -110,20 +110,20 @@ class Sandboxes:
     async def get(self, team_id: str, sandbox_id: str) -> Sandbox:
         if not ids.is_sandbox_id(sandbox_id):
             raise NotFound(f"sandbox {sandbox_id!r} not found")
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(read_only=True) as tx:
             sandbox = await tx.sandboxes.get(sandbox_id)
         if sandbox is None or sandbox.team_id != team_id or sandbox.state not in VISIBLE_STATES:
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         return sandbox
 
     async def page(self, query: SandboxQuery) -> Page[Sandbox]:
-        async with self._db.transaction() as tx:
+        async with self._db.transaction(read_only=True) as tx:
             return await tx.sandboxes.page(query)
 
     async def _agent(self, host_id: str | None, what: str) -> tuple[Host, AgentClient]:
         host = None
         if host_id is not None:
-            async with self._db.transaction() as tx:
+            async with self._db.transaction(read_only=True) as tx:
                 host = await tx.hosts.get(host_id)
         if host is None:
             raise Unavailable(f"the host of {what} is gone")

@@ -4,7 +4,9 @@ Callers see ``Database`` and ``Transaction`` and the records the repositories re
 SQLAlchemy type crosses this package's border.
 
 SQLite (the embedded default) runs every transaction as ``BEGIN IMMEDIATE`` with foreign keys
-on and WAL journaling, so concurrent writers queue instead of failing on a lock upgrade.
+on and WAL journaling, so concurrent writers queue instead of failing on a lock upgrade. A
+``read_only`` transaction begins deferred instead: under WAL it reads a snapshot without taking
+the write lock, so reads neither queue behind writers nor make them wait.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ class Transaction:
         self._after_commit.append(callback)
 
 
+#: Execution option marking the engine of read-only transactions.
+_READ_ONLY = "wrenn_read_only"
+
+
 def _sqlite_pragmas(engine: AsyncEngine, *, file_backed: bool) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
@@ -68,7 +74,8 @@ def _sqlite_pragmas(engine: AsyncEngine, *, file_backed: bool) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        read_only = conn.get_execution_options().get(_READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 class Database:
@@ -88,13 +95,20 @@ class Database:
         if self.dialect == "sqlite":
             _sqlite_pragmas(self.engine, file_backed=file_backed)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # Same pool; only how a transaction begins differs.
+        self._read_sessions = async_sessionmaker(
+            self.engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False
+        )
 
     async def migrate(self, extra_locations: Sequence[Traversable | Path] = ()) -> None:
         await migrate.upgrade(self.engine, extra_locations)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Transaction]:
-        async with self._sessions() as session:
+    async def transaction(self, *, read_only: bool = False) -> AsyncIterator[Transaction]:
+        """A unit of work. ``read_only``: the block only reads (on SQLite it then takes no
+        write lock; a write in it may fail with "database is locked" under contention)."""
+        sessions = self._read_sessions if read_only else self._sessions
+        async with sessions() as session:
             async with session.begin():
                 tx = Transaction(session)
                 yield tx

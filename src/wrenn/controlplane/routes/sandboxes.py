@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 from fastapi import APIRouter, Query, Response
+from pydantic import TypeAdapter
 
 from wrenn.controlplane.auth import CP, Team
 from wrenn.controlplane.context import ServerContext
@@ -32,10 +33,26 @@ _API_STATES: dict[e2b.SandboxState, frozenset[SandboxState]] = {
 }
 
 
+_API_STATE_OF: dict[SandboxState, e2b.SandboxState] = {
+    state: api for api, states in _API_STATES.items() for state in states
+}
+
+#: Serialises a listing straight to JSON: the list routes return it as a ready ``Response``,
+#: which spares FastAPI validating every item again against ``response_model`` (kept on the
+#: route for the OpenAPI document).
+_LISTING = TypeAdapter(list[e2b.ListedSandbox])
+
+
 def api_state(state: SandboxState) -> e2b.SandboxState:
-    if state in _API_STATES[e2b.SandboxState.PAUSED]:
-        return e2b.SandboxState.PAUSED
-    return e2b.SandboxState.RUNNING
+    return _API_STATE_OF.get(state, e2b.SandboxState.RUNNING)
+
+
+def _listing(items: list[e2b.ListedSandbox], headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        _LISTING.dump_json(items, by_alias=True, exclude_none=True),
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 def _domain(cp: ServerContext) -> str | None:
@@ -177,10 +194,10 @@ def parse_states(raw: list[str] | None) -> frozenset[SandboxState]:
     return frozenset(states)
 
 
-@router.get("/sandboxes", response_model_exclude_none=True)
+@router.get("/sandboxes", response_model=list[e2b.ListedSandbox], response_model_exclude_none=True)
 async def list_sandboxes_v1(
     cp: CP, who: Team, metadata: Annotated[str | None, Query(max_length=8192)] = None
-) -> list[e2b.ListedSandbox]:
+) -> Response:
     """Running sandboxes (E2B's first list endpoint; no pagination)."""
     page = await cp.sandboxes.page(
         SandboxQuery(
@@ -190,14 +207,15 @@ async def list_sandboxes_v1(
             limit=10_000,
         )
     )
-    return [listed(s) for s in page.items]
+    return _listing([listed(s) for s in page.items])
 
 
-@router.get("/v2/sandboxes", response_model_exclude_none=True)
+@router.get(
+    "/v2/sandboxes", response_model=list[e2b.ListedSandbox], response_model_exclude_none=True
+)
 async def list_sandboxes(
     cp: CP,
     who: Team,
-    response: Response,
     metadata: Annotated[str | None, Query(max_length=8192)] = None,
     state: Annotated[list[str] | None, Query(max_length=16)] = None,
     order: Literal["asc", "desc"] = "desc",
@@ -205,7 +223,7 @@ async def list_sandboxes(
     template: Annotated[str | None, Query(max_length=128)] = None,
     next_token: Annotated[str | None, Query(alias="nextToken", max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> list[e2b.ListedSandbox]:
+) -> Response:
     """Running and paused sandboxes, newest first by default; ``x-next-token`` when more."""
     if started_after is not None and started_after.tzinfo is None:
         started_after = started_after.replace(tzinfo=UTC)
@@ -221,9 +239,8 @@ async def list_sandboxes(
             next_token=next_token,
         )
     )
-    if page.next_token:
-        response.headers["x-next-token"] = page.next_token
-    return [listed(s) for s in page.items]
+    headers = {"x-next-token": page.next_token} if page.next_token else None
+    return _listing([listed(s) for s in page.items], headers)
 
 
 @router.get("/sandboxes/{sandbox_id}", response_model_exclude_none=True)

@@ -81,6 +81,7 @@ async def revoke_key(team_id: str, key_id: str, cp: CP, who: Team) -> Response:
     _own_or_admin(who, team_id)
     async with cp.db.transaction() as tx:
         key = await tx.teams.revoke_key(team_id, key_id)
+        tx.after_commit(cp.keys.forget_all)
     if key is None:
         raise NotFound(f"API key {key_id[:64]!r} not found")
     return Response(status_code=204)
