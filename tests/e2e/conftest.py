@@ -81,18 +81,20 @@ class Quickstart:
 
 
 class Stack:
-    """``wrenn up --quickstart`` as a subprocess (its own session); its output in a file."""
+    """``wrenn up --quickstart`` as a subprocess (its own session); its output in a file.
+    ``restart()`` stops it and starts it again on the same state, ports and settings, as a
+    second ``make run`` does."""
 
     def __init__(self, home: AgentHome) -> None:
         self.home = home
         self.api_port, self.proxy_port, self.agent_port = free_port(), free_port(), free_port()
         self.log = home.state_dir / "up.log"
-        env = {
+        self.env = {
             k: v
             for k, v in os.environ.items()
             if not k.startswith(("WRENN_CP_", "WRENN_AGENT_", "E2B_"))
         }
-        env.update(
+        self.env.update(
             {
                 "WRENN_CP_HOST": "127.0.0.1",
                 "WRENN_CP_PORT": str(self.api_port),
@@ -110,34 +112,52 @@ class Stack:
                 "WRENN_AGENT_HEARTBEAT_INTERVAL_S": "2",
             }
         )
-        with self.log.open("wb") as out:
+        self._run_start = 0
+        self.quickstart = self._start()
+
+    def _start(self) -> Quickstart:
+        self._run_start = self.log.stat().st_size if self.log.exists() else 0
+        with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "wrenn.cli", "up", "--quickstart", "--grace", "60"],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=env,
+                env=self.env,
                 start_new_session=True,
             )
-        self.quickstart = self._wait_ready()
+        return self._wait_ready()
+
+    def restart(self) -> int:
+        """Stop (SIGINT) and start again; the stop's exit code."""
+        code = self.stop()
+        self.quickstart = self._start()
+        return code
 
     def output(self) -> str:
+        """Everything every run printed."""
         return self.log.read_text(errors="replace")
+
+    def run_output(self) -> str:
+        """What the current run printed."""
+        with self.log.open("rb") as f:
+            f.seek(self._run_start)
+            return f.read().decode(errors="replace")
 
     def _wait_ready(self) -> Quickstart:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            output = self.output()
+            output = self.run_output()
             if "Wrenn is ready." in output and re.search(r"^EOF$", output, re.M):
                 return Quickstart.parse(output)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"wrenn up exited early:\n{output}")
             time.sleep(0.5)
-        raise RuntimeError(f"wrenn up never printed the quick start:\n{self.output()}")
+        raise RuntimeError(f"wrenn up never printed the quick start:\n{self.run_output()}")
 
-    def children(self) -> dict[str, int]:
-        """PIDs of the processes ``wrenn up`` started, by name (``cp``, ``agent``)."""
-        return {name: int(pid) for name, pid in _CHILD.findall(self.output())}
+    def children(self) -> list[int]:
+        """PIDs of the processes (``cp``, ``agent``) every run of ``wrenn up`` started."""
+        return [int(pid) for _, pid in _CHILD.findall(self.output())]
 
     def stop(self) -> int:
         """SIGINT, as Ctrl-C in a terminal; its exit code (SIGKILL after the timeout)."""
@@ -152,7 +172,7 @@ class Stack:
 
     def kill_children(self) -> None:
         """SIGKILL, by PID, any child a failed stop left running."""
-        for pid in self.children().values():
+        for pid in self.children():
             if _is_wrenn_process(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -196,9 +216,8 @@ def stack(e2e_image: GuestImage, request: pytest.FixtureRequest) -> Iterator[Sta
         yield up
         code = up.stop()
         left = _settled_leftovers(home)
-        output = up.output()
         assert code == 0, f"wrenn up ended with {code}"
-        shutdown = output.split("SIGINT: stopping", 1)[-1]
+        shutdown = up.run_output().split("SIGINT: stopping", 1)[-1]
         assert "Traceback" not in shutdown, "a traceback while stopping"
         assert (left.vmm_processes, left.run_dirs) == (0, 0), left
         assert (left.namespaces, left.taps, left.host_links) == (0, 0, 0), left
