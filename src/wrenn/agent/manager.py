@@ -233,6 +233,8 @@ class Manager:
                 continue
             sandbox = Sandbox(record, SandboxState.PAUSED)
             sandbox.stack.push_async_callback(self._delete_disk, record.disk_id)
+            # As for a created sandbox: closing the stack stops the VM a resume starts.
+            sandbox.stack.push_async_callback(sandbox.stop_instance)
             self._sandboxes[record.sandbox_id] = sandbox
 
     async def _reap_disks(self) -> None:
