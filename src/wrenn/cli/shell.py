@@ -168,8 +168,21 @@ def _forward_input(
     sandbox: Sandbox, pid: int, in_fd: int, size_fd: int, wake_r: int, ended: threading.Event
 ) -> int | None:
     """Send stdin to the PTY and resize it on SIGWINCH until the shell ends (``None``) or the
-    local terminal goes away (the signal that said so; SIGHUP for a read error)."""
+    local terminal goes away (the signal that said so; SIGHUP for a read error).
+
+    The size is also compared before every input is sent: SIGWINCH may reach this process
+    after keys typed once the terminal was resized, and those keys must find the sandbox's
+    terminal at its new size."""
     from e2b.sandbox.commands.command_handle import PtySize
+
+    size = terminal_size(size_fd)
+
+    def sync_size() -> None:
+        nonlocal size
+        current = terminal_size(size_fd)
+        if current != size:
+            size = current
+            sandbox.pty.resize(pid, PtySize(rows=current[0], cols=current[1]))
 
     while True:
         try:
@@ -186,8 +199,7 @@ def _forward_input(
                 if _TERMINATED in signals:
                     return signal.SIGTERM
                 if _RESIZED in signals:
-                    rows, cols = terminal_size(size_fd)
-                    sandbox.pty.resize(pid, PtySize(rows=rows, cols=cols))
+                    sync_size()
             if in_fd in ready:
                 try:
                     data = os.read(in_fd, _READ_BYTES)
@@ -195,6 +207,7 @@ def _forward_input(
                     data = b""
                 if not data:
                     return signal.SIGHUP
+                sync_size()
                 sandbox.pty.send_stdin(pid, data)
         except Exception:
             if ended.is_set():
