@@ -6,7 +6,9 @@ HTTP is relayed as it flows, both ways: the request body goes up while the clien
 response comes down chunk by chunk as the guest writes it (Connect server streams, /files
 downloads), bounded by a small queue rather than buffered. When the client goes away the
 upstream request is cancelled, so a process stream never outlives its reader. WebSocket
-upgrades are relayed message by message. Hop-by-hop headers stay on their hop.
+upgrades are relayed message by message, each upstream WebSocket tracked by the sandbox's VM
+(``GuestConnections``) so that a pause or a stop closes it. Hop-by-hop headers stay on their
+hop.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from wrenn import log
 from wrenn.agent.edge import error_response
+from wrenn.agent.guestconns import GuestConnections
 from wrenn.core.errors import DeadlineExceeded, InvalidArgument, Unavailable, WrennError
 
 _log = log.get(__name__)
@@ -64,10 +67,12 @@ _WS_CLOSE_TIMEOUT_S = 2.0
 
 @dataclass(frozen=True)
 class Target:
-    """Where a forwarded request goes: the guest's address and an HTTP client for it."""
+    """Where a forwarded request goes: the guest's address, an HTTP client for it, and the
+    set its relayed WebSockets join while open."""
 
     address: str
     client: httpx.AsyncClient
+    connections: GuestConnections
 
 
 #: Resolves a sandbox id to its target; raises ``NotFound`` / ``FailedPrecondition``.
@@ -108,7 +113,8 @@ class Forwarder:
                 await error_response(err)(scope, receive, send)
             return
         if scope["type"] == "websocket":
-            await _relay_websocket(scope, receive, send, f"ws://{target.address}:{port}{rest}")
+            url = f"ws://{target.address}:{port}{rest}"
+            await _relay_websocket(scope, receive, send, url, target.connections)
         else:
             url = f"http://{target.address}:{port}{rest}"
             await _Exchange(scope, receive, send, target.client, url, sandbox_id, port).run()
@@ -218,7 +224,9 @@ class _Exchange:
         await error_response(err)(self.scope, self.receive, self.send)
 
 
-async def _relay_websocket(scope: Scope, receive: Receive, send: Send, url: str) -> None:
+async def _relay_websocket(
+    scope: Scope, receive: Receive, send: Send, url: str, connections: GuestConnections
+) -> None:
     first = await receive()
     if first["type"] != "websocket.connect":
         return
@@ -242,13 +250,14 @@ async def _relay_websocket(scope: Scope, receive: Receive, send: Send, url: str)
         await send({"type": "websocket.close", "code": 1011, "reason": type(err).__name__})
         return
     try:
-        await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-        down = asyncio.ensure_future(_ws_down(upstream, send))
-        try:
-            await _ws_up(receive, upstream)
-        finally:
-            down.cancel()
-            await asyncio.gather(down, return_exceptions=True)
+        with connections.track(upstream):
+            await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
+            down = asyncio.ensure_future(_ws_down(upstream, send))
+            try:
+                await _ws_up(receive, upstream)
+            finally:
+                down.cancel()
+                await asyncio.gather(down, return_exceptions=True)
     finally:
         await upstream.close()
 

@@ -7,6 +7,10 @@ directory removed, slot reset and returned.
     start(ColdBoot)   slot → run dir → VMM boots the image → envd /health (bounded)
     start(FromBuild)  slot → run dir → memory copy → VMM restores the build → envd /health
 
+The slot is reset in the background after the VM is gone (``SlotPool.release_soon``). A VM
+that stops for good right after a snapshot (a pause) hands its memory copy over as the
+build's memory image (``keep_memory_as``), so resuming that build copies no memory.
+
 The disk is not the instance's: it belongs to the sandbox and outlives a pause.
 """
 
@@ -25,11 +29,13 @@ from wrenn.agent import leftovers
 from wrenn.agent.cleanup import finish
 from wrenn.agent.config import AgentSettings
 from wrenn.agent.envdclient import EnvdClient
+from wrenn.agent.guestconns import GuestConnections
 from wrenn.agent.images import GuestImage
-from wrenn.agent.memory import MemoryImages
+from wrenn.agent.memory import MemoryImages, VmMemory
 from wrenn.agent.network import Slot, SlotPool
 from wrenn.agent.runtime import Runtime
 from wrenn.agent.snapshots import DeviceInput, Manifest, SnapshotStore
+from wrenn.agent.steps import Steps
 from wrenn.agent.vmm.base import NetworkAttachment, VmConfig, Vmm
 from wrenn.core.errors import DeadlineExceeded, Unavailable
 
@@ -62,10 +68,10 @@ class ColdBoot:
 
 @dataclass(frozen=True)
 class FromBuild:
+    """Restore a build (template, named snapshot, pause). QEMU: the VM gets a reflinked copy
+    of the build's memory image."""
+
     build_id: uuid.UUID
-    #: True: many VMs restore from the build (templates, named snapshots): each gets a reflinked
-    #: copy of its memory image; False: a paused sandbox's own build, materialised once.
-    shared: bool
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Instance:
         run_dir: Path,
         stack: contextlib.AsyncExitStack,
         runtime: Runtime,
+        memory: VmMemory | None = None,
     ) -> None:
         self.slot = slot
         self.vmm = vmm
@@ -95,6 +102,10 @@ class Instance:
         self.run_dir = run_dir
         self._stack = stack
         self._runtime = runtime
+        self._memory = memory
+        #: Relayed WebSockets into the guest, closed before a pause and when the VM stops.
+        self.connections = GuestConnections()
+        stack.push_async_callback(self.connections.close_all, "sandbox stopping")
 
     @property
     def address(self) -> str:
@@ -105,26 +116,49 @@ class Instance:
         return self._runtime.logs(self.vmm)
 
     async def capture(
-        self, store: SnapshotStore, build_id: uuid.UUID, parent: uuid.UUID | None
+        self,
+        store: SnapshotStore,
+        build_id: uuid.UUID,
+        parent: uuid.UUID | None,
+        steps: Steps | None = None,
     ) -> Manifest:
-        """envd ``/snapshot/prepare`` → close the agent's idle envd connections (their FINs
-        reach the guest while it still runs) → pause → snapshot → store the build (memory as a
-        diff over ``parent``'s, generation 0 without one). Leaves the VM paused: the caller
-        resumes it or closes the instance."""
+        """envd ``/snapshot/prepare`` → close the agent's idle envd connections and relayed
+        WebSockets (their FINs reach the guest while it still runs) → pause → snapshot → store
+        the build (memory as a diff over ``parent``'s, generation 0 without one). Leaves the VM
+        paused: the caller resumes it or closes the instance. The store reads QEMU's guest RAM
+        file in place, which holds while the guest stays paused."""
+        steps = steps or Steps()
         await self.envd.prepare_snapshot()
-        await self.envd.close_idle()
+        steps.mark("prepare")
+        await asyncio.gather(self.envd.close_idle(), self.connections.close_all("sandbox pausing"))
+        steps.mark("close_idle")
         await self.vmm.pause()
+        steps.mark("pause")
         dest = self.run_dir / "snapshot"
         try:
-            files = await self.vmm.snapshot(dest)
-            return await store.create(
+            files = await self._runtime.snapshot(self.vmm, dest)
+            steps.mark("snapshot")
+            changed = None
+            memory = self._memory
+            if memory is not None and parent == memory.source and files.memfile == memory.path:
+                changed = await memory.changed_ranges()
+                steps.mark("extents")
+            manifest = await store.create(
                 build_id,
                 parent=parent,
-                devices={"memfile": DeviceInput(source=files.memfile)},
+                devices={"memfile": DeviceInput(source=files.memfile, changed_ranges=changed)},
                 files={"state": files.state},
             )
+            steps.mark("store")
+            return manifest
         finally:
             await asyncio.to_thread(shutil.rmtree, dest, ignore_errors=True)
+
+    def keep_memory_as(self, build_id: uuid.UUID) -> None:
+        """The VM's memory holds exactly ``build_id``'s (captured, and the guest will not run
+        again): ``close`` makes it that build's memory image."""
+        if self._memory is not None:
+            self._memory.keep_as = build_id
 
     async def close(self) -> None:
         """Stop the VM and give back everything it held. Idempotent; runs to its end even if
@@ -156,14 +190,19 @@ async def start(
     shape: Shape,
     source: ColdBoot | FromBuild,
     envd_access_token: str | None = None,
+    steps: Steps | None = None,
 ) -> Instance:
     """A VM of ``shape`` running in a free slot with envd answering. ``envd_access_token``:
     the token envd in a restored build already requires. Nothing is left behind on failure."""
     runtime = host.runtime
+    steps = steps or Steps()
     stack = contextlib.AsyncExitStack()
     try:
         slot = await host.pool.acquire(internet_access=shape.internet_access)
-        stack.push_async_callback(host.pool.release, slot)
+        # Reset in the background once the VM is gone: a create that finds no free slot
+        # waits for it.
+        stack.callback(host.pool.release_soon, slot)
+        steps.mark("slot")
 
         run_dir = host.vm_root / f"{name}-{uuid.uuid4().hex[:8]}"
         await asyncio.to_thread(run_dir.mkdir, parents=True)
@@ -181,13 +220,12 @@ async def start(
             network=NetworkAttachment(tap=slot.tap_name, mac=slot.guest_mac, netns=slot.netns),
         )
         memfile: Path | None = None
+        memory: VmMemory | None = None
         if isinstance(source, FromBuild) and runtime.flat_memory:
-            if source.shared:
-                memfile = await host.memory.copy_for(source.build_id, run_dir.name)
-                stack.push_async_callback(host.memory.delete_copy, run_dir.name)
-            else:
-                memfile = run_dir / "memfile"
-                await host.store.materialize(source.build_id, "memfile", memfile)
+            memory = VmMemory(host.memory, run_dir.name, source.build_id)
+            memfile = await host.memory.copy_for(source.build_id, memory.vm)
+            stack.push_async_callback(memory.release)
+            steps.mark("memory")
         vmm = runtime.vmm(config)
         stack.push_async_callback(vmm.stop)
         if isinstance(source, ColdBoot):
@@ -207,10 +245,12 @@ async def start(
             )
         if vmm.pid is not None:
             await asyncio.to_thread(leftovers.write_pid, run_dir, vmm.pid)
+        steps.mark("boot" if isinstance(source, ColdBoot) else "restore")
 
         envd = EnvdClient(f"http://{slot.sandbox_ip}:{ENVD_PORT}", envd_access_token or None)
         stack.push_async_callback(envd.aclose)
         waited_s = await _wait_envd(runtime, vmm, envd, timeout_s, what)
+        steps.mark("envd_health")
     except BaseException:
         await finish(stack.aclose())
         raise
@@ -223,4 +263,4 @@ async def start(
         source=what,
         envd_wait_s=round(waited_s, 3),
     )
-    return Instance(slot, vmm, envd, run_dir, stack, runtime)
+    return Instance(slot, vmm, envd, run_dir, stack, runtime, memory)

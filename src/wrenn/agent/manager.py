@@ -11,9 +11,10 @@ Flows (each holds the sandbox's lock; see ``sandbox`` for the states):
 
     create    source build (template or named snapshot) → CoW disk from its disk image →
               slot → restore → envd /health → /init (env vars, token, user) → running
-    pause     envd /snapshot/prepare → close the agent's idle envd connections → pause →
-              snapshot (memory diffed over the parent build) → VM, slot, memory freed; the
-              disk stays; the sandbox is recorded in the catalog
+    pause     envd /snapshot/prepare → close the agent's idle envd connections and relayed
+              WebSockets → pause → snapshot (memory diffed over the parent build) → the
+              sandbox is recorded in the catalog → VM stopped (its memory file kept as the
+              build's memory image), slot reset in the background; the disk stays
     resume    restore the pause build into any free slot → /init → running
     snapshot  like pause, plus the disk image; then the VM resumes and /init undoes
               /snapshot/prepare. New sandboxes spawn from it with its vCPUs and memory.
@@ -42,12 +43,14 @@ from wrenn.agent.catalog import Catalog, SandboxRecord, SnapshotRecord, Template
 from wrenn.agent.cleanup import finish
 from wrenn.agent.config import AgentSettings
 from wrenn.agent.disks import DiskStore
+from wrenn.agent.envdclient import EnvdClient
 from wrenn.agent.images import GuestImage, build_base
 from wrenn.agent.instance import FromBuild, HostResources, Instance, Shape
 from wrenn.agent.memory import MemoryImages
 from wrenn.agent.network import NetworkPlan, SlotPool
 from wrenn.agent.sandbox import Sandbox, SandboxState, SandboxView
 from wrenn.agent.snapshots import LocalSnapshotStore
+from wrenn.agent.steps import Steps
 from wrenn.agent.templates import BASE_TEMPLATE, Templates, image_template_id
 from wrenn.agent.vmm.base import VmState
 from wrenn.core.errors import (
@@ -400,9 +403,11 @@ class Manager:
         sandbox = Sandbox(placeholder, SandboxState.STARTING)
         self._sandboxes[params.sandbox_id] = sandbox
         log_ = _log.bind(sandbox_id=params.sandbox_id)
+        steps = Steps()
         async with sandbox.lock:
             try:
                 source = await self._source(params)
+                steps.mark("source")
                 # From here the source build counts as in use (collection, DeleteSnapshot).
                 sandbox.parent_build = source.build_id
                 vcpus, memory_mib = self._shape(params, source)
@@ -426,16 +431,19 @@ class Manager:
                 disk = await self.disks.clone(str(source.build_id), params.sandbox_id)
                 sandbox.stack.push_async_callback(self._delete_disk, params.sandbox_id)
                 sandbox.stack.push_async_callback(sandbox.stop_instance)
+                steps.mark("disk")
                 vm = await instance.start(
                     host,
                     name=params.sandbox_id,
                     shape=self._shape_of(sandbox.record, disk),
-                    source=FromBuild(source.build_id, shared=True),
+                    source=FromBuild(source.build_id),
                     envd_access_token=source.envd_access_token,
+                    steps=steps,
                 )
                 sandbox.instance = vm
                 sandbox.parent_build = source.build_id
-                await self._init(sandbox, vm)
+                await self._init(sandbox.record, vm.envd)
+                steps.mark("init")
                 sandbox.state = SandboxState.RUNNING
             except BaseException:
                 await finish(sandbox.stack.aclose())
@@ -447,6 +455,8 @@ class Manager:
             snapshot_id=sandbox.record.snapshot_id,
             build_id=str(sandbox.parent_build),
             slot=vm.slot.index,
+            total_ms=steps.total_ms,
+            steps_ms=steps.ms,
         )
         return sandbox.view()
 
@@ -467,11 +477,10 @@ class Manager:
         )
 
     @staticmethod
-    async def _init(sandbox: Sandbox, vm: Instance) -> None:
+    async def _init(record: SandboxRecord, envd: EnvdClient) -> None:
         """envd /init with the sandbox's settings (after a restore, it also closes the
         connections that were open when the snapshot was taken)."""
-        record = sandbox.record
-        await vm.envd.init(
+        await envd.init(
             env_vars=record.env_vars,
             access_token=record.envd_access_token or None,
             default_user=record.default_user,
@@ -503,19 +512,29 @@ class Manager:
             sandbox.state = SandboxState.PAUSING
             build_id = uuid.uuid4()
             self._pins.add(build_id)
+            steps = Steps()
             try:
                 try:
-                    await vm.capture(self.store, build_id, parent=sandbox.parent_build)
+                    await vm.capture(self.store, build_id, parent=sandbox.parent_build, steps=steps)
                 except BaseException:
                     await finish(self._carry_on(sandbox, vm))
                     raise
                 sandbox.record = sandbox.record.model_copy(update={"build_id": build_id})
                 await finish(self.catalog.sandboxes.put(sandbox.record))
+                steps.mark("catalog")
                 sandbox.state = SandboxState.PAUSED
+                vm.keep_memory_as(build_id)
                 await sandbox.stop_instance()
+                steps.mark("stop")
             finally:
                 self._pins.discard(build_id)
-        _log.info("sandbox.paused", sandbox_id=sandbox_id, build_id=str(build_id))
+        _log.info(
+            "sandbox.paused",
+            sandbox_id=sandbox_id,
+            build_id=str(build_id),
+            total_ms=steps.total_ms,
+            steps_ms=steps.ms,
+        )
         return build_id
 
     async def _carry_on(self, sandbox: Sandbox, vm: Instance) -> None:
@@ -524,7 +543,7 @@ class Manager:
         try:
             if vm.vmm.state is VmState.PAUSED:
                 await vm.vmm.resume()
-            await self._init(sandbox, vm)
+            await self._init(sandbox.record, vm.envd)
         except (WrennError, OSError) as err:
             _log.error("sandbox.failed", sandbox_id=sandbox.sandbox_id, error=str(err))
             sandbox.state = SandboxState.FAILED
@@ -547,14 +566,16 @@ class Manager:
                 )
             build_id = record.build_id
             sandbox.state = SandboxState.STARTING
+            steps = Steps()
             try:
                 resumed = record.model_copy(update={"allow_internet_access": allow_internet_access})
                 vm = await instance.start(
                     host,
                     name=sandbox_id,
                     shape=self._shape_of(resumed, self.disks.disk_path(record.disk_id)),
-                    source=FromBuild(build_id, shared=False),
+                    source=FromBuild(build_id),
                     envd_access_token=record.envd_access_token,
+                    steps=steps,
                 )
                 sandbox.instance = vm
                 sandbox.parent_build = build_id
@@ -564,7 +585,8 @@ class Manager:
                         "envd_access_token": envd_access_token or record.envd_access_token,
                     }
                 )
-                await self._init(sandbox, vm)
+                await self._init(sandbox.record, vm.envd)
+                steps.mark("init")
             except BaseException:
                 await finish(sandbox.stop_instance())
                 sandbox.record = record
@@ -573,7 +595,12 @@ class Manager:
             sandbox.state = SandboxState.RUNNING
             await finish(self.catalog.sandboxes.delete(sandbox_id))
         _log.info(
-            "sandbox.resumed", sandbox_id=sandbox_id, build_id=str(build_id), slot=vm.slot.index
+            "sandbox.resumed",
+            sandbox_id=sandbox_id,
+            build_id=str(build_id),
+            slot=vm.slot.index,
+            total_ms=steps.total_ms,
+            steps_ms=steps.ms,
         )
         return sandbox.view()
 

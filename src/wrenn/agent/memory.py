@@ -7,6 +7,11 @@ guest maps its RAM. So the guest writes into its own file, the build's image is 
 and a snapshot of the guest carries no RAM in QEMU's migration stream (the memory goes through
 the store's block diff instead).
 
+A paused sandbox's build needs no import: when its VM stops, the VM's own memory file holds
+exactly that build's memory (the diff was read from it while the guest was paused, and the
+guest never ran again), so ``VmMemory.keep_as`` makes it the build's image by reflink before
+the file goes. Resuming costs one more reflink, not a copy of the memory.
+
 ``<scratch>`` (under ``run/``) holds a build's flat memory only while it is being imported.
 """
 
@@ -19,9 +24,9 @@ from pathlib import Path
 from uuid import UUID
 
 from wrenn import log
-from wrenn.agent.disks import DiskStore
+from wrenn.agent.disks import DiskStore, extents
 from wrenn.agent.snapshots import SnapshotStore
-from wrenn.core.errors import NotFound
+from wrenn.core.errors import NotFound, WrennError
 
 _log = log.get(__name__)
 
@@ -63,9 +68,20 @@ class MemoryImages:
         ``delete_copy(vm)`` removes it once the VM is gone."""
         return await self._disks.clone(await self.image(build_id), f"{vm}.mem")
 
+    def copy_path(self, vm: str) -> Path:
+        return self._disks.disk_path(f"{vm}.mem")
+
     async def delete_copy(self, vm: str) -> None:
         with contextlib.suppress(NotFound):
             await self._disks.delete(f"{vm}.mem")
+
+    async def adopt(self, build_id: UUID, vm: str) -> None:
+        """Make VM ``vm``'s memory copy ``build_id``'s image (a reflink). Only for a VM that
+        is gone and whose memory is exactly the build's."""
+        image_id = self.image_id(build_id)
+        async with self._locks.setdefault(build_id, asyncio.Lock()):
+            if not await asyncio.to_thread(self._disks.template_path(image_id).exists):
+                await self._disks.import_template(image_id, self.copy_path(vm))
 
     async def drop(self, build_id: UUID) -> None:
         """Forget ``build_id``'s image (copies made from it keep their blocks)."""
@@ -73,3 +89,39 @@ class MemoryImages:
             with contextlib.suppress(NotFound):
                 await self._disks.delete_template(self.image_id(build_id))
         self._locks.pop(build_id, None)
+
+
+class VmMemory:
+    """One VM's own memory copy, reflinked from ``source``'s image. ``release`` (once the VM
+    is gone) deletes it, after making it the image of ``keep_as`` when that is set."""
+
+    def __init__(self, images: MemoryImages, vm: str, source: UUID) -> None:
+        self._images = images
+        self.vm = vm
+        self.source = source
+        #: The build the VM's memory holds exactly (set once the VM will not run again).
+        self.keep_as: UUID | None = None
+
+    @property
+    def path(self) -> Path:
+        return self._images.copy_path(self.vm)
+
+    async def changed_ranges(self) -> list[tuple[int, int]] | None:
+        """Byte ranges of the copy that may differ from ``source``'s memory: those no longer
+        shared with any other file (the guest wrote them). Every block still shared is the
+        source's (the image's blocks, or shared with other copies of it). None when the
+        filesystem cannot tell. The guest must be paused."""
+        try:
+            return await asyncio.to_thread(extents.unshared_ranges, self.path)
+        except OSError as err:
+            _log.warning("memory.extents_unknown", vm=self.vm, error=str(err))
+            return None
+
+    async def release(self) -> None:
+        if self.keep_as is not None:
+            try:
+                await self._images.adopt(self.keep_as, self.vm)
+            except (WrennError, OSError) as err:
+                # Resuming the build then imports its memory from the snapshot store.
+                _log.warning("memory.keep_failed", build_id=str(self.keep_as), error=str(err))
+        await self._images.delete_copy(self.vm)

@@ -115,6 +115,13 @@ class Runtime:
             return f"--- firecracker log ---\n{vmm.logs()}\n--- serial console ---\n{vmm.serial()}"
         return ""
 
+    async def snapshot(self, vmm: Vmm, dest: Path) -> SnapshotFiles:
+        """Snapshot the paused ``vmm`` into ``dest``. QEMU hands over the guest's own RAM file
+        rather than a copy of it: the caller must read it before the guest runs again."""
+        if isinstance(vmm, QemuVmm):
+            return await vmm.snapshot(dest, copy_memory=False)
+        return await vmm.snapshot(dest)
+
     @property
     def flat_memory(self) -> bool:
         """Whether a restore maps a flat memory file (QEMU) rather than being served pages

@@ -239,7 +239,9 @@ def build(settings: AgentSettings) -> ASGIApp:
 
     def resolve(sandbox_id: str) -> forward.Target:
         vm = manager.running_instance(sandbox_id)
-        return forward.Target(address=vm.address, client=vm.envd.streaming)
+        return forward.Target(
+            address=vm.address, client=vm.envd.streaming, connections=vm.connections
+        )
 
     http = Starlette(routes=[Route("/health", _health, methods=["GET"])], lifespan=lifespan)
     rpc = HostAgentASGIApplication(HostAgentService(manager), interceptors=[ErrorInterceptor()])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,9 +30,15 @@ class ExtentUsage:
     extents: int
 
 
-def usage(path: Path) -> ExtentUsage:
-    """Walk ``path``'s extent map; ``OSError`` (EOPNOTSUPP) where FIEMAP is unsupported."""
-    mapped = shared = count = 0
+def unshared_ranges(path: Path) -> list[tuple[int, int]]:
+    """``(offset, length)`` of every extent of ``path`` holding data it shares with no other
+    file (written since it was reflinked, or never shared), after writing its dirty pages back
+    (copy-on-write remaps a block only once it is written back). ``OSError`` (EOPNOTSUPP)
+    where FIEMAP is unsupported."""
+    return [(start, length) for start, length, shared in _extents(path) if not shared]
+
+
+def _extents(path: Path) -> Iterator[tuple[int, int, bool]]:
     start = 0
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -41,20 +48,25 @@ def usage(path: Path) -> ExtentUsage:
             fcntl.ioctl(fd, FS_IOC_FIEMAP, buf, True)
             found = _HEADER.unpack_from(buf, 0)[3]
             if found == 0:
-                break
-            last = False
+                return
             for i in range(found):
                 logical, _, length, _, _, flags, *_ = _EXTENT.unpack_from(
                     buf, _HEADER.size + i * _EXTENT.size
                 )
-                mapped += length
-                count += 1
-                if flags & FIEMAP_EXTENT_SHARED:
-                    shared += length
+                yield logical, length, bool(flags & FIEMAP_EXTENT_SHARED)
                 start = logical + length
-                last = bool(flags & FIEMAP_EXTENT_LAST)
-            if last:
-                break
+                if flags & FIEMAP_EXTENT_LAST:
+                    return
     finally:
         os.close(fd)
+
+
+def usage(path: Path) -> ExtentUsage:
+    """Walk ``path``'s extent map; ``OSError`` (EOPNOTSUPP) where FIEMAP is unsupported."""
+    mapped = shared = count = 0
+    for _, length, is_shared in _extents(path):
+        mapped += length
+        count += 1
+        if is_shared:
+            shared += length
     return ExtentUsage(mapped_bytes=mapped, shared_bytes=shared, extents=count)

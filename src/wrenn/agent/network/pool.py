@@ -1,9 +1,13 @@
 """A pool of pre-built network slots, handed to sandboxes and recycled.
 
     SlotPool.start()  reap leftovers → check host → host table + ip_forward → build N slots
-    acquire()         free → in use (internet access set as asked)
+    acquire()         free → in use (internet access set as asked); when none is free but
+                      some are being reset in the background, waits for the first of them
     release()         in use → reset (egress off, conntrack forgotten) → free
-    close()           every slot torn down, host table removed (ip_forward left on)
+    release_soon()    the same reset as a background task of the pool (the caller does not
+                      wait for it: a stopped VM's slot costs its flow nothing)
+    close()           pending resets awaited, every slot torn down, host table removed
+                      (ip_forward left on)
 
 Netlink and subprocess work runs on worker threads; the pool's bookkeeping stays on the loop.
 """
@@ -98,6 +102,8 @@ class SlotPool:
         self._slots: list[Slot] = []
         self._free: deque[Slot] = deque()
         self._lock = asyncio.Lock()
+        #: Resets started by ``release_soon`` and not finished yet.
+        self._resets: set[asyncio.Task[None]] = set()
         self._started = False
         self._host_installed = False
 
@@ -142,12 +148,18 @@ class SlotPool:
             self._free.append(slot)
 
     async def acquire(self, *, internet_access: bool = False) -> Slot:
-        """A free slot, its internet access set; ``ResourceExhausted`` when none is free."""
-        async with self._lock:
-            if not self._free:
+        """A free slot, its internet access set; ``ResourceExhausted`` when none is free and
+        none is being reset."""
+        while True:
+            async with self._lock:
+                if self._free:
+                    slot = self._free.popleft()
+                    slot.in_use = True
+                    break
+                resetting = set(self._resets)
+            if not resetting:
                 raise ResourceExhausted(f"all {len(self._slots)} network slots are in use")
-            slot = self._free.popleft()
-            slot.in_use = True
+            await asyncio.wait(resetting, return_when=asyncio.FIRST_COMPLETED)
         try:
             if internet_access:
                 await slot.set_internet_access(True)
@@ -175,13 +187,31 @@ class SlotPool:
         async with self._lock:
             self._free.append(slot)
 
+    def release_soon(self, slot: Slot) -> None:
+        """``release(slot)`` in the background; a failure is logged (the slot leaves the pool
+        when it cannot be rebuilt). ``close`` waits for it."""
+        if slot not in self._slots or not slot.in_use:
+            raise FailedPrecondition(f"slot {slot.index} is not in use in this pool")
+        task = asyncio.ensure_future(self._release_logged(slot))
+        self._resets.add(task)
+        task.add_done_callback(self._resets.discard)
+
+    async def _release_logged(self, slot: Slot) -> None:
+        try:
+            await self.release(slot)
+        except Exception:
+            _log.exception("network.slot_lost", slot=slot.index)
+
     @staticmethod
     def _rebuild(addresses: SlotAddresses) -> None:
         links.teardown(addresses)
         links.build(addresses)
 
     async def close(self) -> None:
-        """Tear down every slot (in use or not) and the host table. Idempotent."""
+        """Tear down every slot (in use or not) and the host table, once the resets under way
+        are done. Idempotent."""
+        while self._resets:
+            await asyncio.wait(set(self._resets))
         async with self._lock:
             slots, self._slots = self._slots, []
             self._free.clear()

@@ -88,10 +88,17 @@ def _map_file(path: Path) -> tuple[mmap.mmap | None, int]:
         return (mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) if size else None), size
 
 
-def find_dirty_blocks(current: Path, parent: Reader | None, block_size: int) -> list[int]:
+def find_dirty_blocks(
+    current: Path,
+    parent: Reader | None,
+    block_size: int,
+    *,
+    ranges: Iterable[tuple[int, int]] | None = None,
+) -> list[int]:
     """Blocks of ``current`` (the device's full contents now) that differ from ``parent``
     (zeros when None), by direct comparison, one chunk at a time then block by block inside
-    chunks that differ. For VMMs that export no dirty log (QEMU here)."""
+    chunks that differ. For VMMs that export no dirty log (QEMU here). ``ranges``: the
+    ``(offset, length)`` byte ranges that may differ; only the chunks they touch are read."""
     view, size = _map_file(current)
     if parent is not None and size != parent.size_bytes:
         raise InvalidArgument(f"{current} is {size} bytes, the parent device {parent.size_bytes}")
@@ -101,7 +108,7 @@ def find_dirty_blocks(current: Path, parent: Reader | None, block_size: int) -> 
     zero_chunk = bytes(chunk)
     out: list[int] = []
     try:
-        for offset in range(0, size, chunk):
+        for offset in _chunks(size, chunk, ranges):
             assert view is not None
             n = min(chunk, size - offset)
             now = view[offset : offset + n]
@@ -119,6 +126,19 @@ def find_dirty_blocks(current: Path, parent: Reader | None, block_size: int) -> 
         if view is not None:
             view.close()
     return out
+
+
+def _chunks(size: int, chunk: int, ranges: Iterable[tuple[int, int]] | None) -> Iterator[int]:
+    """Offsets of the chunks to compare, in order: all of them, or those ``ranges`` touch."""
+    if ranges is None:
+        yield from range(0, size, chunk)
+        return
+    wanted: set[int] = set()
+    for offset, length in ranges:
+        end = min(offset + length, size)
+        if offset < end:
+            wanted.update(range(offset // chunk * chunk, end, chunk))
+    yield from sorted(wanted)
 
 
 def _parent_bytes(parent: Reader, offset: int, length: int, zero_chunk: bytes) -> bytes:

@@ -56,6 +56,10 @@ class DeviceInput:
     source: Path
     #: Indices of blocks changed since the parent; None: found by comparing with the parent.
     dirty: Sequence[int] | None = None
+    #: ``(offset, length)`` byte ranges outside which the device is known to equal the parent
+    #: (a reflink copy of the parent's contents shares every block nobody wrote); the
+    #: comparison then reads only these. None: the whole device.
+    changed_ranges: Sequence[tuple[int, int]] | None = None
     #: Only for a device the parent lacks (generation 0).
     block_size: int = 4096
 
@@ -232,7 +236,10 @@ class LocalSnapshotStore:
                     assert parent is not None
                     with self._open_device(parent, name) as parent_reader:
                         dirty = find_dirty_blocks(
-                            device.source, parent_reader, parent_header.block_size
+                            device.source,
+                            parent_reader,
+                            parent_header.block_size,
+                            ranges=device.changed_ranges,
                         )
                 result = write_diff(
                     parent=parent_header,

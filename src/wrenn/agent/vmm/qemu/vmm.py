@@ -170,9 +170,15 @@ class QemuVmm:
         await self._client().execute("cont")
         self._state = VmState.RUNNING
 
-    async def snapshot(self, dest: Path, *, diff: bool = False) -> SnapshotFiles:
+    async def snapshot(
+        self, dest: Path, *, diff: bool = False, copy_memory: bool = True
+    ) -> SnapshotFiles:
         """Write ``dest/state`` (devices, vCPUs, and private RAM if any) and ``dest/memfile``
-        (guest RAM). Must be called while paused; the guest stays paused and can resume."""
+        (guest RAM). Must be called while paused; the guest stays paused and can resume.
+
+        ``copy_memory=False`` for a guest whose RAM is a shared file: no copy is made, the
+        returned ``memfile`` is that file itself. It holds the snapshot's memory only while the
+        guest stays paused, and belongs to the VM (never write or delete it)."""
         self._require(VmState.PAUSED)
         if diff:
             raise Unimplemented("the qemu driver writes only full snapshots")
@@ -189,7 +195,9 @@ class QemuVmm:
                 await qmp.execute("getfd", {"fdname": "snapshot"}, fds=[state.fileno()])
             await qmp.execute("migrate", {"uri": "fd:snapshot"})
             await self._wait_migration("outgoing")
-            if self._share_memory:
+            if self._share_memory and not copy_memory:
+                files = SnapshotFiles(memfile=self._memory_file, state=files.state)
+            elif self._share_memory:
                 await asyncio.to_thread(memory.copy_file, self._memory_file, files.memfile)
             else:
                 pid = self.pid
