@@ -3,7 +3,8 @@
 ``posix_spawn`` file actions) or turned off.
 
 ``subprocess.Popen`` forks (a ``preexec_fn`` rules out ``vfork``) and, between fork and exec,
-runs :meth:`_ChildSetup.__call__` while still root, in this order: unblock signals, take the
+runs :meth:`_ChildSetup.__call__` while still root, in this order: unblock signals and set
+every disposition to its default (an ignored signal would survive exec), take the
 PTY as controlling terminal (``setsid`` has already made it a session leader), join the user
 cgroup, raise its OOM score, then drop to the user's groups, gid and uid. Forking copies
 envd's page tables, so this costs a few milliseconds more per process than the gate.
@@ -11,6 +12,7 @@ envd's page tables, so this costs a few milliseconds more per process than the g
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import signal
@@ -24,6 +26,20 @@ from wrenn.envd.users import User
 
 #: oom_score_adj of user processes: the kernel's OOM killer picks them before envd.
 USER_OOM_SCORE_ADJ = 100
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_SYS_RT_SIGACTION = 13  # x86_64
+#: A zeroed ``struct kernel_sigaction``: handler SIG_DFL, no flags, restorer or mask.
+_DEFAULT_ACTION = ctypes.create_string_buffer(32)
+_SIGSET_BYTES = 8
+
+
+def _default_dispositions() -> None:
+    """Every signal but SIGKILL/SIGSTOP back to SIG_DFL, with the raw syscall: libc's wrappers
+    refuse the real-time signals it reserves, which may be ignored too."""
+    for sig in range(1, 65):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            _libc.syscall(_SYS_RT_SIGACTION, sig, _DEFAULT_ACTION, None, _SIGSET_BYTES)
 
 
 class _ChildSetup:
@@ -44,6 +60,7 @@ class _ChildSetup:
 
     def __call__(self) -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        _default_dispositions()
         if self.pty:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         for fd in self.cgroup_fds:
