@@ -295,6 +295,12 @@ class LocalSnapshotStore:
                     raise AlreadyExists(f"snapshot build {build_id} already exists")
                 staging.rename(self._dir(build_id))
                 _fsync_dir(self.root)
+                # Hashed while written: the next use (this build as a parent) need not read
+                # its files again to check them.
+                for name in records:
+                    st = (self._dir(build_id) / name).stat()
+                    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                    self._verified[(build_id, name)] = identity
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
