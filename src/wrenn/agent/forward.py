@@ -20,13 +20,20 @@ from dataclasses import dataclass
 
 import httpx
 from starlette.types import Receive, Scope, Send
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake
 
 from wrenn import log
 from wrenn.agent.edge import error_response
 from wrenn.agent.guestconns import GuestConnections
-from wrenn.core.errors import DeadlineExceeded, InvalidArgument, Unavailable, WrennError
+from wrenn.core import wspump
+from wrenn.core.errors import (
+    BadGateway,
+    DeadlineExceeded,
+    InvalidArgument,
+    Unavailable,
+    WrennError,
+)
 
 _log = log.get(__name__)
 
@@ -189,6 +196,14 @@ class _Exchange:
                 DeadlineExceeded(f"port {self.port} of sandbox {self.sandbox_id} timed out")
             )
             return
+        except httpx.ConnectError:
+            # Nothing listens there: the answer E2B's proxy gives, which the SDK recognises.
+            await self._fail(
+                BadGateway(
+                    f"sandbox {self.sandbox_id} is running but port is not open: {self.port}"
+                )
+            )
+            return
         except httpx.TransportError as err:
             await self._fail(
                 Unavailable(
@@ -252,40 +267,6 @@ async def _relay_websocket(
     try:
         with connections.track(upstream):
             await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-            down = asyncio.ensure_future(_ws_down(upstream, send))
-            try:
-                await _ws_up(receive, upstream)
-            finally:
-                down.cancel()
-                await asyncio.gather(down, return_exceptions=True)
+            await wspump.pump(receive, send, upstream)
     finally:
         await upstream.close()
-
-
-async def _ws_up(receive: Receive, upstream: ClientConnection) -> None:
-    """Client → guest until the client disconnects or the guest closes."""
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("bytes") if message.get("bytes") is not None else message.get("text")
-        if data is None:
-            continue
-        try:
-            await upstream.send(data)
-        except ConnectionClosed:
-            return
-
-
-async def _ws_down(upstream: ClientConnection, send: Send) -> None:
-    """Guest → client; the guest's close is passed on with its code."""
-    try:
-        async for data in upstream:
-            if isinstance(data, bytes):
-                await send({"type": "websocket.send", "bytes": data})
-            else:
-                await send({"type": "websocket.send", "text": data})
-    except ConnectionClosed:
-        pass
-    code = upstream.close_code or 1000
-    await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})

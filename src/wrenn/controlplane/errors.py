@@ -5,13 +5,16 @@ different HTTP status than the Connect table gives (the code in the body stays t
     └── Conflict            409  the resource is in the wrong state (already paused, ...)
     ResourceExhausted
     └── NoHostAvailable     503  no live host has room; retry later
-    Unavailable
-    └── BadGateway          502  the proxy cannot reach a sandbox (or it has ended)
+
+BadGateway (502: the proxy cannot reach a sandbox, or it has ended) is ``wrenn.core.errors``'s,
+shared with the host agent's forwarding path.
 """
 
 from __future__ import annotations
 
-from wrenn.core.errors import FailedPrecondition, ResourceExhausted, Unavailable
+from wrenn.core.errors import BadGateway, FailedPrecondition, ResourceExhausted
+
+__all__ = ["BadGateway", "Conflict", "NoHostAvailable"]
 
 
 class Conflict(FailedPrecondition):
@@ -24,13 +27,3 @@ class NoHostAvailable(ResourceExhausted):
     @property
     def http_status(self) -> int:
         return 503
-
-
-class BadGateway(Unavailable):
-    """What the sandbox proxy answers when the sandbox is gone or cannot be reached. The e2b
-    SDK reads a 502 as "sandbox not running" when the message says ``was not found`` and as
-    "unreachable" otherwise."""
-
-    @property
-    def http_status(self) -> int:
-        return 502

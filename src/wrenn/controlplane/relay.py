@@ -18,12 +18,13 @@ import json
 from collections.abc import AsyncIterator, Iterable
 
 from starlette.types import Message, Receive, Scope, Send
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from wrenn import log
 from wrenn.controlplane.errors import BadGateway
 from wrenn.controlplane.upstream import Origin, UpstreamError, UpstreamPool
+from wrenn.core import wspump
 from wrenn.core.errors import WrennError
 
 _log = log.get(__name__)
@@ -196,43 +197,9 @@ async def relay_websocket(
         return
     try:
         await send({"type": "websocket.accept", "subprotocol": upstream.subprotocol})
-        down = asyncio.ensure_future(_ws_down(upstream, send))
-        try:
-            await _ws_up(receive, upstream)
-        finally:
-            down.cancel()
-            await asyncio.gather(down, return_exceptions=True)
+        await wspump.pump(receive, send, upstream)
     finally:
         await upstream.close()
-
-
-async def _ws_up(receive: Receive, upstream: ClientConnection) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        data = message.get("bytes")
-        if data is None:
-            data = message.get("text")
-        if data is None:
-            continue
-        try:
-            await upstream.send(data)
-        except ConnectionClosed:
-            return
-
-
-async def _ws_down(upstream: ClientConnection, send: Send) -> None:
-    try:
-        async for data in upstream:
-            if isinstance(data, bytes):
-                await send({"type": "websocket.send", "bytes": data})
-            else:
-                await send({"type": "websocket.send", "text": data})
-    except ConnectionClosed:
-        pass
-    code = upstream.close_code or 1000
-    await send({"type": "websocket.close", "code": code, "reason": upstream.close_reason or ""})
 
 
 async def deny_websocket(

@@ -281,7 +281,8 @@ async def test_forwarding_reaches_guest_ports_over_http_and_websocket(
         assert response.headers["content-length"] == "5"
 
         closed = await http.get(f"{agent.forward_url('ports', 9)}/")
-        assert (closed.status_code, closed.json()["code"]) == (503, "unavailable")
+        assert (closed.status_code, closed.json()["code"]) == (502, "unavailable")
+        assert "port is not open" in closed.json()["message"]  # what the e2b SDK recognises
         unknown = await http.get(f"{agent.forward_url('nobody', 8000)}/")
         assert (unknown.status_code, unknown.json()["code"]) == (404, "not_found")
 
