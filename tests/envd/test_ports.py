@@ -149,6 +149,27 @@ async def test_stop_is_idempotent_and_start_works_after_stop(echo_server: int) -
         await ports.stop()
 
 
+async def test_restart_soon_forwards_again_and_a_stop_right_after_it_wins(
+    echo_server: int,
+) -> None:
+    forward = unique_loopback()
+    ports = PortSubsystem(settings(forward))
+    try:
+        await ports.start()
+        ports.restart_soon()
+        # Asked in the same breath as the restart: the subsystem must end up stopped.
+        await ports.stop()
+        assert not ports.running
+        ports.restart_soon()
+        await ports.settle()
+        assert ports.running
+        await scanned(ports)
+        assert await echo_through(forward, echo_server, b"back") == b"back"
+    finally:
+        await ports.stop()
+    assert not ports.running
+
+
 async def test_no_forward_address_leaves_the_subsystem_idle() -> None:
     ports = PortSubsystem(settings(""))
     await ports.start()

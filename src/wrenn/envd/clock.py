@@ -48,13 +48,11 @@ def parse_timestamp(value: object) -> int:
 
 def step_to(host_ns: int) -> float:
     """Step CLOCK_REALTIME to ``host_ns`` when it is off by more than the threshold; returns
-    the offset found (host minus guest, seconds)."""
+    the offset found (host minus guest, seconds). The caller logs it."""
     offset_s = (host_ns - time.time_ns()) / 1e9
     if abs(offset_s) > STEP_THRESHOLD_S:
         try:
             time.clock_settime_ns(time.CLOCK_REALTIME, host_ns)
         except OSError as exc:
             _log.warning("clock.step_failed", offset_s=round(offset_s, 3), error=str(exc))
-            return offset_s
-        _log.info("clock.stepped", offset_s=round(offset_s, 3))
     return offset_s

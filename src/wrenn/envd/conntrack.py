@@ -131,8 +131,8 @@ class ConnTracker:
 
     def restore(self, keep: int | None = None) -> int:
         """After a restore: abort every pre-snapshot connection except ``keep`` (the id of the
-        connection carrying the /init); returns how many were aborted. A no-op unless a snapshot
-        was prepared."""
+        connection carrying the /init); returns how many were aborted (the caller logs it). A
+        no-op unless a snapshot was prepared."""
         cutoff = self._snapshot_generation
         if cutoff is None:
             return 0
@@ -141,7 +141,6 @@ class ConnTracker:
             conn.abort()
         self._snapshot_generation = None
         self.set_keep_alive(True)
-        _log.info("conntrack.restored", aborted=len(zombies), kept=self.open_count - len(zombies))
         return len(zombies)
 
 

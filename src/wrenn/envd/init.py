@@ -9,8 +9,9 @@ request is valid.
 
 The first /init after ``/snapshot/prepare`` is a restore: connections opened before the snapshot
 are aborted (their peers are gone), those opened after it stay (the /init's own included),
-keep-alive comes back on, the port subsystem restarts, and the sandbox metadata is read again
-from MMDS when MMDS answered at start (a template snapshot is restored into many sandboxes).
+keep-alive comes back on, the port subsystem restarts (in the background), and the sandbox
+metadata is read again from MMDS when MMDS answered at start (a template snapshot is restored
+into many sandboxes).
 """
 
 from __future__ import annotations
@@ -73,11 +74,25 @@ def validate(req: InitRequest) -> users.User | None:
     return user
 
 
-async def configure(envd: Envd, req: InitRequest) -> None:
+def _changes_identity(envd: Envd, req: InitRequest) -> bool:
+    """Whether the request names a user or workdir other than the current ones (those were
+    checked when they were set). The host agent sends the same ones to every sandbox of a
+    template, so the restore path usually skips the lookups and their thread hop."""
+    defaults = envd.defaults
+    return bool(
+        (req.default_user and req.default_user != defaults.user)
+        or (req.default_workdir and req.default_workdir != defaults.workdir)
+    )
+
+
+async def configure(envd: Envd, req: InitRequest) -> float | None:
+    """Apply the request; returns the clock offset found (host minus guest, seconds) when the
+    clock was compared with the request's timestamp."""
     host_ns = clock.parse_timestamp(req.timestamp) if req.timestamp is not None else None
-    user = await asyncio.to_thread(validate, req)
+    user = await asyncio.to_thread(validate, req) if _changes_identity(envd, req) else None
+    offset_s = None
     if host_ns is not None and envd.settings.clock_from_init:
-        clock.step_to(host_ns)
+        offset_s = clock.step_to(host_ns)
     defaults = envd.defaults
     if req.env_vars:
         defaults.env_vars.update(req.env_vars)
@@ -87,33 +102,40 @@ async def configure(envd: Envd, req: InitRequest) -> None:
         defaults.user = user.name
     if req.default_workdir:
         defaults.workdir = req.default_workdir
-    _log.info(
-        "init.configured",
-        env_vars=len(req.env_vars or {}),
-        token_set=bool(req.access_token),
-        user=defaults.user,
-        workdir=defaults.workdir,
-    )
+    return offset_s
 
 
-async def restore(envd: Envd, own_conn: int | None) -> None:
-    """Undo ``/snapshot/prepare`` after the VM was restored."""
-    envd.conns.restore(keep=own_conn)
+async def restore(envd: Envd, own_conn: int | None) -> int:
+    """Undo ``/snapshot/prepare`` after the VM was restored; returns how many pre-snapshot
+    connections were aborted. The port subsystem restarts in the background: its first scan
+    need not delay the answer (nothing forwards until a scan has run, as at start)."""
+    aborted = envd.conns.restore(keep=own_conn)
     if envd.settings.ports:
-        await envd.ports.restart()
+        envd.ports.restart_soon()
     if envd.mmds_present:
         metadata = await mmds.read(envd.settings)
         if metadata is not None:
             mmds.apply(metadata, envd.defaults)
-    _log.info("init.restored")
+    return aborted
 
 
 async def post_init(request: Request) -> Response:
     envd: Envd = request.app.state.envd
     req = parse(await request.body())
-    await configure(envd, req)
-    if envd.conns.snapshot_pending:
-        await restore(envd, conntrack.conn_id(request.scope))
+    offset_s = await configure(envd, req)
+    restored = envd.conns.snapshot_pending
+    aborted = await restore(envd, conntrack.conn_id(request.scope)) if restored else 0
+    # One line per /init: under emulation every line written to the console costs
+    # milliseconds, and after a restore this is on the path of every create and resume.
+    _log.info(
+        "init.restored" if restored else "init.configured",
+        env_vars=len(req.env_vars or {}),
+        token_set=bool(req.access_token),
+        user=envd.defaults.user,
+        workdir=envd.defaults.workdir,
+        clock_offset_s=None if offset_s is None else round(offset_s, 3),
+        conns_aborted=aborted if restored else None,
+    )
     return Response(status_code=204, headers={"Cache-Control": "no-store"})
 
 

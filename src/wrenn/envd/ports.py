@@ -8,7 +8,8 @@ loopback listener. Forwarders whose listener disappears are closed.
 
 One task owns the scanner and every forwarder; ``stop`` cancels it and waits for it, so nothing
 (listening socket, relayed connection, task) outlives a stop. start/stop/restart are idempotent
-and serialized; a stopped subsystem starts again (cancellation, never an irreversible flag).
+and serialized (``restart_soon`` runs a restart in a task of its own; a stop waits for it
+first); a stopped subsystem starts again (cancellation, never an irreversible flag).
 Scanning and forwarding run in that one task, one after the other, so they cannot deadlock.
 """
 
@@ -248,6 +249,8 @@ class PortSubsystem:
         self._scans_started = 0
         self._scans_done = 0
         self._scan_done = asyncio.Condition()
+        #: ``restart_soon`` tasks not finished yet (kept referenced until they are).
+        self._pending: set[asyncio.Task[None]] = set()
 
     @property
     def running(self) -> bool:
@@ -263,6 +266,8 @@ class PortSubsystem:
             await self._start_locked()
 
     async def stop(self) -> None:
+        # A restart asked for just before must not start the scanner again after this stop.
+        await self.settle()
         async with self._lock:
             await self._stop_locked()
 
@@ -270,6 +275,23 @@ class PortSubsystem:
         async with self._lock:
             await self._stop_locked()
             await self._start_locked()
+
+    def restart_soon(self) -> None:
+        """``restart`` in a task of its own (the caller need not wait for it); a later
+        ``start``, ``stop`` or ``restart`` queues behind it on the lock."""
+        task = asyncio.create_task(self.restart(), name="envd-ports-restart")
+        self._pending.add(task)
+        task.add_done_callback(self._restarted)
+
+    async def settle(self) -> None:
+        """Wait for the restarts ``restart_soon`` began."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    def _restarted(self, task: asyncio.Task[None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("ports.restart_failed", error=repr(task.exception()))
 
     async def wait_for_scan(self) -> None:
         """Return once a scan that started after this call has finished."""
