@@ -93,6 +93,8 @@ async def test_on_a_filesystem_without_reflink_the_store_mounts_xfs_and_unmounts
         mounted = loopfs.mount_at(root)
         assert mounted is not None and mounted.fstype == "xfs"
         assert len(loopfs.loops_of(backing)) == 1
+        # Memory images mapped from it are read page by page, not megabytes around a fault.
+        assert loopfs.read_ahead_kb(loopfs.loops_of(backing)[0]) == loopfs.READ_AHEAD_KB == 0
         assert store.mode == "loop"
         stats = await store.stats()
         assert stats.backing_allocated_bytes is not None

@@ -3,7 +3,15 @@ own filesystem cannot share extents (ext4). Blocking: call from a worker thread.
 
 The backing file is formatted once and reused across agent restarts: per-sandbox disks of
 paused sandboxes live in it. ``mount -o loop`` sets the loop device to detach itself when the
-filesystem is unmounted; ``discard`` returns the space of deleted files to the host."""
+filesystem is unmounted; ``discard`` returns the space of deleted files to the host.
+
+The loop device reads ahead nothing (``READ_AHEAD_KB``). QEMU maps a guest's memory image from
+this filesystem, and a page fault on a file mapping reads around the faulting page as far as
+the device's readahead allows (2.5 MiB by default for a loop device), in large folios that the
+fault then maps whole: a restored guest answering one request had ~40 MiB of its image mapped
+and ~135 MiB of it cached, against ~8 MiB of each without readahead. Disk images lose nothing
+they need: the guest's kernel reads ahead on its own disk, and the host's filesystem reads
+ahead in the backing file below the loop device."""
 
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from pathlib import Path
 from wrenn.core.errors import FailedPrecondition, Internal
 
 MOUNT_OPTIONS = "loop,discard,nosuid,nodev,noexec"
+READ_AHEAD_KB = 0
 _TIMEOUT_S = 120.0
 
 
@@ -111,6 +120,21 @@ def create(backing_file: Path, size_bytes: int) -> None:
 
 def mount(backing_file: Path, mountpoint: Path) -> None:
     _run(["mount", "-t", "xfs", "-o", MOUNT_OPTIONS, str(backing_file), str(mountpoint)])
+    for device in loops_of(backing_file):
+        set_read_ahead(device, READ_AHEAD_KB)
+
+
+def set_read_ahead(device: str, kb: int) -> None:
+    """Set how far block device ``device`` (``/dev/loopN``) reads ahead."""
+    name = os.path.basename(device)
+    try:
+        Path(f"/sys/block/{name}/queue/read_ahead_kb").write_text(f"{kb}\n")
+    except OSError as err:
+        raise Internal(f"cannot set the readahead of {device}: {err}") from err
+
+
+def read_ahead_kb(device: str) -> int:
+    return int(Path(f"/sys/block/{os.path.basename(device)}/queue/read_ahead_kb").read_text())
 
 
 def unmount(mountpoint: Path, backing_file: Path) -> None:

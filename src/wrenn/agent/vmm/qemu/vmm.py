@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from wrenn import log
 from wrenn.agent.vmm.base import SnapshotFiles, VmConfig, VmMetrics, VmState
-from wrenn.agent.vmm.qemu import memory
+from wrenn.agent.vmm.qemu import hugepage_advice, memory
 from wrenn.agent.vmm.qemu.args import Accel, Launch, argv, host_tsc_khz
 from wrenn.agent.vmm.qemu.qmp import QmpClient
 from wrenn.core.errors import (
@@ -297,6 +297,8 @@ class QemuVmm:
                     stdout=out,
                     stderr=asyncio.subprocess.STDOUT,
                     start_new_session=True,
+                    # Guest RAM in small pages (see hugepage_advice): what an idle guest holds.
+                    preexec_fn=hugepage_advice.installer() if hugepage_advice.supported() else None,
                 )
             async with asyncio.timeout(START_TIMEOUT_S):
                 self._qmp = await self._connect()
