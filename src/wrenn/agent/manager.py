@@ -30,6 +30,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from ipaddress import IPv4Network
@@ -44,6 +45,7 @@ from wrenn.agent.cleanup import finish
 from wrenn.agent.config import AgentSettings
 from wrenn.agent.disks import DiskStore
 from wrenn.agent.envdclient import EnvdClient
+from wrenn.agent.guestlogs import GuestLogs, LogEntry, console_path
 from wrenn.agent.images import GuestImage, build_base
 from wrenn.agent.instance import FromBuild, HostResources, Instance, Shape
 from wrenn.agent.memory import MemoryImages
@@ -161,6 +163,8 @@ class Manager:
             sandbox_pool=IPv4Network(settings.sandbox_pool),
         )
         self.pool = SlotPool(self.plan)
+        #: envd's log lines from every sandbox's console, kept across pauses.
+        self.guest_logs = GuestLogs()
         self._sandboxes: dict[str, Sandbox] = {}
         self._stack = contextlib.AsyncExitStack()
         self._gc_lock = asyncio.Lock()
@@ -200,6 +204,7 @@ class Manager:
         await self.pool.start()
         self._stack.push_async_callback(self.pool.close)
         self._stack.push_async_callback(self._stop_sandboxes)
+        self._stack.callback(self.guest_logs.close)
 
         self._host = HostResources(
             settings=settings,
@@ -442,6 +447,7 @@ class Manager:
                 )
                 sandbox.instance = vm
                 sandbox.parent_build = source.build_id
+                await self.guest_logs.attach(params.sandbox_id, console_path(vm.vmm), sandbox.stack)
                 await self._init(sandbox.record, vm.envd)
                 steps.mark("init")
                 sandbox.state = SandboxState.RUNNING
@@ -579,6 +585,7 @@ class Manager:
                 )
                 sandbox.instance = vm
                 sandbox.parent_build = build_id
+                await self.guest_logs.attach(sandbox_id, console_path(vm.vmm), sandbox.stack)
                 sandbox.record = resumed.model_copy(
                     update={
                         "build_id": None,
@@ -739,6 +746,12 @@ class Manager:
             vmm_rss_bytes=vmm.rss_bytes,
             vmm_cpu_seconds=vmm.cpu_seconds,
         )
+
+    async def logs(self, sandbox_id: str, start_ms: int = 0, limit: int = 0) -> Sequence[LogEntry]:
+        """envd's log entries of a sandbox in any state (see ``guestlogs``); takes no lock, so
+        it answers during a pause or resume too."""
+        self.get(sandbox_id)
+        return await self.guest_logs.read(sandbox_id, start_ms, limit)
 
     async def host_info(self) -> HostInfo:
         choice = self.runtime_choice

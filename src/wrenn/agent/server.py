@@ -142,6 +142,25 @@ class HostAgentService(HostAgent):
             )
         )
 
+    async def get_sandbox_logs(
+        self, request: pb.GetSandboxLogsRequest, ctx: Any, /
+    ) -> pb.GetSandboxLogsResponse:
+        entries = await self._manager.logs(
+            request.sandbox_id, max(0, request.start_ms), request.limit
+        )
+        return pb.GetSandboxLogsResponse(
+            entries=[
+                pb.SandboxLogEntry(
+                    timestamp_ms=e.timestamp_ms,
+                    level=e.level,
+                    message=e.message,
+                    fields=e.fields,
+                    line=e.line,
+                )
+                for e in entries
+            ]
+        )
+
     async def get_host_info(
         self, request: pb.GetHostInfoRequest, ctx: Any, /
     ) -> pb.GetHostInfoResponse:

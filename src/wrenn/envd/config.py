@@ -15,6 +15,9 @@ class EnvdSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = 49983
     log_level: str = "info"
+    #: JSON log lines; unset: JSON unless stderr is a terminal. The guest's console is one, and
+    #: the host agent parses envd's lines from it, so wrenn-init sets this.
+    log_json: bool | None = None
     #: User for requests that name none, until /init sets ``defaultUser``.
     default_user: str = "root"
     #: Working directory for processes that name none (the user's home when unset).

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = EnvdSettings(**overrides)
-    log.configure(settings.log_level)
+    log.configure(settings.log_level, json=settings.log_json)
     tracker = conntrack.ConnTracker()
     config = uvicorn.Config(
         app.build(settings, tracker),

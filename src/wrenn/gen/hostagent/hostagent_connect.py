@@ -17,7 +17,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import hostagent_pb
-from .hostagent_pb import CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, DeleteSnapshotResponse, DestroySandboxRequest, DestroySandboxResponse, GetHostInfoRequest, GetHostInfoResponse, GetSandboxMetricsRequest, GetSandboxMetricsResponse, ListSandboxesRequest, ListSandboxesResponse, PauseSandboxRequest, PauseSandboxResponse, ResumeSandboxRequest, ResumeSandboxResponse
+from .hostagent_pb import CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, DeleteSnapshotResponse, DestroySandboxRequest, DestroySandboxResponse, GetHostInfoRequest, GetHostInfoResponse, GetSandboxLogsRequest, GetSandboxLogsResponse, GetSandboxMetricsRequest, GetSandboxMetricsResponse, ListSandboxesRequest, ListSandboxesResponse, PauseSandboxRequest, PauseSandboxResponse, ResumeSandboxRequest, ResumeSandboxResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -51,6 +51,9 @@ class HostAgent(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     async def get_sandbox_metrics(self, request: GetSandboxMetricsRequest, ctx: RequestContext[GetSandboxMetricsRequest, GetSandboxMetricsResponse], /) -> GetSandboxMetricsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def get_sandbox_logs(self, request: GetSandboxLogsRequest, ctx: RequestContext[GetSandboxLogsRequest, GetSandboxLogsResponse], /) -> GetSandboxLogsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     async def get_host_info(self, request: GetHostInfoRequest, ctx: RequestContext[GetHostInfoRequest, GetHostInfoResponse], /) -> GetHostInfoResponse:
@@ -153,6 +156,16 @@ class HostAgentASGIApplication(ConnectASGIApplication[HostAgent]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.get_sandbox_metrics,
+                ),
+                "/hostagent.HostAgent/GetSandboxLogs": Endpoint.unary(
+                    method=MethodInfo(
+                        name="GetSandboxLogs",
+                        service_name="hostagent.HostAgent",
+                        input=GetSandboxLogsRequest,
+                        output=GetSandboxLogsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.get_sandbox_logs,
                 ),
                 "/hostagent.HostAgent/GetHostInfo": Endpoint.unary(
                     method=MethodInfo(
@@ -338,6 +351,26 @@ class HostAgentClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def get_sandbox_logs(
+        self,
+        request: GetSandboxLogsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetSandboxLogsResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetSandboxLogs",
+                service_name="hostagent.HostAgent",
+                input=GetSandboxLogsRequest,
+                output=GetSandboxLogsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
     async def get_host_info(
         self,
         request: GetHostInfoRequest,
@@ -381,6 +414,9 @@ class HostAgentSync(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     def get_sandbox_metrics(self, request: GetSandboxMetricsRequest, ctx: RequestContext[GetSandboxMetricsRequest, GetSandboxMetricsResponse], /) -> GetSandboxMetricsResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    def get_sandbox_logs(self, request: GetSandboxLogsRequest, ctx: RequestContext[GetSandboxLogsRequest, GetSandboxLogsResponse], /) -> GetSandboxLogsResponse:
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     def get_host_info(self, request: GetHostInfoRequest, ctx: RequestContext[GetHostInfoRequest, GetHostInfoResponse], /) -> GetHostInfoResponse:
@@ -481,6 +517,16 @@ class HostAgentWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.get_sandbox_metrics,
+                ),
+                "/hostagent.HostAgent/GetSandboxLogs": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="GetSandboxLogs",
+                        service_name="hostagent.HostAgent",
+                        input=GetSandboxLogsRequest,
+                        output=GetSandboxLogsResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.get_sandbox_logs,
                 ),
                 "/hostagent.HostAgent/GetHostInfo": EndpointSync.unary(
                     method=MethodInfo(
@@ -653,6 +699,25 @@ class HostAgentClientSync(ConnectClientSync):
                 service_name="hostagent.HostAgent",
                 input=GetSandboxMetricsRequest,
                 output=GetSandboxMetricsResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def get_sandbox_logs(
+        self,
+        request: GetSandboxLogsRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> GetSandboxLogsResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="GetSandboxLogs",
+                service_name="hostagent.HostAgent",
+                input=GetSandboxLogsRequest,
+                output=GetSandboxLogsResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

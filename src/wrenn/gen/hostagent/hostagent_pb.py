@@ -740,6 +740,141 @@ class GetSandboxMetricsResponse(Message[_GetSandboxMetricsResponseFields]):
 
         metrics: SandboxMetrics | None
 
+_GetSandboxLogsRequestFields: TypeAlias = Literal["sandbox_id", "start_ms", "limit"]
+
+class GetSandboxLogsRequest(Message[_GetSandboxLogsRequestFields]):
+    """
+    ```proto
+    message hostagent.GetSandboxLogsRequest
+    ```
+
+    Attributes:
+        sandbox_id:
+            ```proto
+            string sandbox_id = 1;
+            ```
+        start_ms:
+            Only entries logged at or after this time (unix milliseconds); 0: from the oldest kept.
+
+            ```proto
+            int64 start_ms = 2;
+            ```
+        limit:
+            At most this many entries, oldest first; 0: every entry kept.
+
+            ```proto
+            uint32 limit = 3;
+            ```
+    """
+
+    __slots__ = ("sandbox_id", "start_ms", "limit")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            sandbox_id: str = "",
+            start_ms: int = 0,
+            limit: int = 0,
+        ) -> None:
+            pass
+
+        sandbox_id: str
+        start_ms: int
+        limit: int
+
+_SandboxLogEntryFields: TypeAlias = Literal["timestamp_ms", "level", "message", "fields", "line"]
+
+class SandboxLogEntry(Message[_SandboxLogEntryFields]):
+    """
+    One structured log line of envd inside the guest (read from the VM's serial console).
+
+    ```proto
+    message hostagent.SandboxLogEntry
+    ```
+
+    Attributes:
+        timestamp_ms:
+            Unix time in milliseconds, as the guest logged it.
+
+            ```proto
+            int64 timestamp_ms = 1;
+            ```
+        level:
+            debug, info, warn or error.
+
+            ```proto
+            string level = 2;
+            ```
+        message:
+            ```proto
+            string message = 3;
+            ```
+        fields:
+            ```proto
+            map<string, string> fields = 4;
+            ```
+        line:
+            The line as envd wrote it (JSON).
+
+            ```proto
+            string line = 5;
+            ```
+    """
+
+    __slots__ = ("timestamp_ms", "level", "message", "fields", "line")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            timestamp_ms: int = 0,
+            level: str = "",
+            message: str = "",
+            fields: dict[str, str] | None = None,
+            line: str = "",
+        ) -> None:
+            pass
+
+        timestamp_ms: int
+        level: str
+        message: str
+        fields: dict[str, str]
+        line: str
+
+_GetSandboxLogsResponseFields: TypeAlias = Literal["entries"]
+
+class GetSandboxLogsResponse(Message[_GetSandboxLogsResponseFields]):
+    """
+    ```proto
+    message hostagent.GetSandboxLogsResponse
+    ```
+
+    Attributes:
+        entries:
+            The agent keeps a bounded tail per sandbox, across pauses and resumes (not across an
+            agent restart).
+
+            ```proto
+            repeated hostagent.SandboxLogEntry entries = 1;
+            ```
+    """
+
+    __slots__ = ("entries",)
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            entries: list[SandboxLogEntry] | None = None,
+        ) -> None:
+            pass
+
+        entries: list[SandboxLogEntry]
+
 _TemplateInfoFields: TypeAlias = Literal["template_id", "build_id", "vcpus", "memory_mib", "size_bytes", "envd_version"]
 
 class TemplateInfo(Message[_TemplateInfoFields]):
@@ -955,7 +1090,7 @@ class SandboxState(Enum):
 
 
 _DESC = file_desc(
-    b'\n\x19hostagent/hostagent.proto\x12\thostagent"\xa9\x05\n\x14CreateSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12$\n\x0bsnapshot_id\x18\x03 \x01(\tH\x00R\nsnapshotId\x88\x01\x01\x12\x14\n\x05vcpus\x18\x04 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x05 \x01(\rR\tmemoryMib\x12G\n\x08env_vars\x18\x06 \x03(\x0b2,.hostagent.CreateSandboxRequest.EnvVarsEntryR\x07envVars\x12*\n\x11envd_access_token\x18\x07 \x01(\tR\x0fenvdAccessToken\x122\n\x15allow_internet_access\x18\x08 \x01(\x08R\x13allowInternetAccess\x12I\n\x08metadata\x18\t \x03(\x0b2-.hostagent.CreateSandboxRequest.MetadataEntryR\x08metadata\x12&\n\x0cdefault_user\x18\n \x01(\tH\x01R\x0bdefaultUser\x88\x01\x01\x12,\n\x0fdefault_workdir\x18\x0b \x01(\tH\x02R\x0edefaultWorkdir\x88\x01\x01\x1a:\n\x0cEnvVarsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0e\n\x0c_snapshot_idB\x0f\n\r_default_userB\x12\n\x10_default_workdir"\xbf\x02\n\x0bSandboxInfo\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12-\n\x05state\x18\x03 \x01(\x0e2\x17.hostagent.SandboxStateR\x05state\x12\x14\n\x05vcpus\x18\x04 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x05 \x01(\rR\tmemoryMib\x12"\n\rstarted_at_ms\x18\x06 \x01(\x03R\x0bstartedAtMs\x12!\n\x0cenvd_version\x18\x07 \x01(\tR\x0benvdVersion\x12\x1e\n\x08build_id\x18\x08 \x01(\tH\x00R\x07buildId\x88\x01\x01\x12\x18\n\x07address\x18\t \x01(\tR\x07addressB\x0b\n\t_build_id"I\n\x15CreateSandboxResponse\x120\n\x07sandbox\x18\x01 \x01(\x0b2\x16.hostagent.SandboxInfoR\x07sandbox"6\n\x15DestroySandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"\x18\n\x16DestroySandboxResponse"4\n\x13PauseSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"1\n\x14PauseSandboxResponse\x12\x19\n\x08build_id\x18\x01 \x01(\tR\x07buildId"\x95\x01\n\x14ResumeSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12*\n\x11envd_access_token\x18\x02 \x01(\tR\x0fenvdAccessToken\x122\n\x15allow_internet_access\x18\x03 \x01(\x08R\x13allowInternetAccess"I\n\x15ResumeSandboxResponse\x120\n\x07sandbox\x18\x01 \x01(\x0b2\x16.hostagent.SandboxInfoR\x07sandbox"W\n\x15CreateSnapshotRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0bsnapshot_id\x18\x02 \x01(\tR\nsnapshotId"\xc8\x01\n\x0cSnapshotInfo\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12\x14\n\x05vcpus\x18\x03 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x04 \x01(\rR\tmemoryMib\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12"\n\rcreated_at_ms\x18\x06 \x01(\x03R\x0bcreatedAtMs"M\n\x16CreateSnapshotResponse\x123\n\x08snapshot\x18\x01 \x01(\x0b2\x17.hostagent.SnapshotInfoR\x08snapshot"8\n\x15DeleteSnapshotRequest\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId"\x18\n\x16DeleteSnapshotResponse"\x16\n\x14ListSandboxesRequest"M\n\x15ListSandboxesResponse\x124\n\tsandboxes\x18\x01 \x03(\x0b2\x16.hostagent.SandboxInfoR\tsandboxes"9\n\x18GetSandboxMetricsRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"\xde\x02\n\x0eSandboxMetrics\x12!\n\x0ctimestamp_ms\x18\x01 \x01(\x03R\x0btimestampMs\x12\x1b\n\tcpu_count\x18\x02 \x01(\rR\x08cpuCount\x12 \n\x0ccpu_used_pct\x18\x03 \x01(\x01R\ncpuUsedPct\x12$\n\x0emem_used_bytes\x18\x04 \x01(\x03R\x0cmemUsedBytes\x12&\n\x0fmem_total_bytes\x18\x05 \x01(\x03R\rmemTotalBytes\x12&\n\x0fdisk_used_bytes\x18\x06 \x01(\x03R\rdiskUsedBytes\x12(\n\x10disk_total_bytes\x18\x07 \x01(\x03R\x0ediskTotalBytes\x12"\n\rvmm_rss_bytes\x18\x08 \x01(\x03R\x0bvmmRssBytes\x12&\n\x0fvmm_cpu_seconds\x18\t \x01(\x01R\rvmmCpuSeconds"P\n\x19GetSandboxMetricsResponse\x123\n\x07metrics\x18\x01 \x01(\x0b2\x19.hostagent.SandboxMetricsR\x07metrics"\xc1\x01\n\x0cTemplateInfo\x12\x1f\n\x0btemplate_id\x18\x01 \x01(\tR\ntemplateId\x12\x19\n\x08build_id\x18\x02 \x01(\tR\x07buildId\x12\x14\n\x05vcpus\x18\x03 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x04 \x01(\rR\tmemoryMib\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12!\n\x0cenvd_version\x18\x06 \x01(\tR\x0benvdVersion"\x14\n\x12GetHostInfoRequest"\xa8\x03\n\x13GetHostInfoResponse\x12\x18\n\x07runtime\x18\x01 \x01(\tR\x07runtime\x12\x14\n\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12!\n\x0cmemory_bytes\x18\x03 \x01(\x03R\x0bmemoryBytes\x12\x1d\n\ndisk_bytes\x18\x04 \x01(\x03R\tdiskBytes\x12*\n\x11memory_free_bytes\x18\x05 \x01(\x03R\x0fmemoryFreeBytes\x12&\n\x0fdisk_free_bytes\x18\x06 \x01(\x03R\rdiskFreeBytes\x12\x1c\n\tsandboxes\x18\x07 \x01(\rR\tsandboxes\x125\n\ttemplates\x18\x08 \x03(\x0b2\x17.hostagent.TemplateInfoR\ttemplates\x125\n\tsnapshots\x18\t \x03(\x0b2\x17.hostagent.SnapshotInfoR\tsnapshots\x12\x18\n\x07version\x18\n \x01(\tR\x07version\x12%\n\x0eruntime_reason\x18\x0b \x01(\tR\rruntimeReason*\xcf\x01\n\x0cSandboxState\x12\x1d\n\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SANDBOX_STATE_STARTING\x10\x01\x12\x19\n\x15SANDBOX_STATE_RUNNING\x10\x02\x12\x19\n\x15SANDBOX_STATE_PAUSING\x10\x03\x12\x18\n\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x1a\n\x16SANDBOX_STATE_STOPPING\x10\x05\x12\x18\n\x14SANDBOX_STATE_FAILED\x10\x062\x8b\x06\n\tHostAgent\x12R\n\rCreateSandbox\x12\x1f.hostagent.CreateSandboxRequest\x1a .hostagent.CreateSandboxResponse\x12U\n\x0eDestroySandbox\x12 .hostagent.DestroySandboxRequest\x1a!.hostagent.DestroySandboxResponse\x12O\n\x0cPauseSandbox\x12\x1e.hostagent.PauseSandboxRequest\x1a\x1f.hostagent.PauseSandboxResponse\x12R\n\rResumeSandbox\x12\x1f.hostagent.ResumeSandboxRequest\x1a .hostagent.ResumeSandboxResponse\x12U\n\x0eCreateSnapshot\x12 .hostagent.CreateSnapshotRequest\x1a!.hostagent.CreateSnapshotResponse\x12U\n\x0eDeleteSnapshot\x12 .hostagent.DeleteSnapshotRequest\x1a!.hostagent.DeleteSnapshotResponse\x12R\n\rListSandboxes\x12\x1f.hostagent.ListSandboxesRequest\x1a .hostagent.ListSandboxesResponse\x12^\n\x11GetSandboxMetrics\x12#.hostagent.GetSandboxMetricsRequest\x1a$.hostagent.GetSandboxMetricsResponse\x12L\n\x0bGetHostInfo\x12\x1d.hostagent.GetHostInfoRequest\x1a\x1e.hostagent.GetHostInfoResponseb\x06proto3',
+    b'\n\x19hostagent/hostagent.proto\x12\thostagent"\xa9\x05\n\x14CreateSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12$\n\x0bsnapshot_id\x18\x03 \x01(\tH\x00R\nsnapshotId\x88\x01\x01\x12\x14\n\x05vcpus\x18\x04 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x05 \x01(\rR\tmemoryMib\x12G\n\x08env_vars\x18\x06 \x03(\x0b2,.hostagent.CreateSandboxRequest.EnvVarsEntryR\x07envVars\x12*\n\x11envd_access_token\x18\x07 \x01(\tR\x0fenvdAccessToken\x122\n\x15allow_internet_access\x18\x08 \x01(\x08R\x13allowInternetAccess\x12I\n\x08metadata\x18\t \x03(\x0b2-.hostagent.CreateSandboxRequest.MetadataEntryR\x08metadata\x12&\n\x0cdefault_user\x18\n \x01(\tH\x01R\x0bdefaultUser\x88\x01\x01\x12,\n\x0fdefault_workdir\x18\x0b \x01(\tH\x02R\x0edefaultWorkdir\x88\x01\x01\x1a:\n\x0cEnvVarsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0e\n\x0c_snapshot_idB\x0f\n\r_default_userB\x12\n\x10_default_workdir"\xbf\x02\n\x0bSandboxInfo\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12-\n\x05state\x18\x03 \x01(\x0e2\x17.hostagent.SandboxStateR\x05state\x12\x14\n\x05vcpus\x18\x04 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x05 \x01(\rR\tmemoryMib\x12"\n\rstarted_at_ms\x18\x06 \x01(\x03R\x0bstartedAtMs\x12!\n\x0cenvd_version\x18\x07 \x01(\tR\x0benvdVersion\x12\x1e\n\x08build_id\x18\x08 \x01(\tH\x00R\x07buildId\x88\x01\x01\x12\x18\n\x07address\x18\t \x01(\tR\x07addressB\x0b\n\t_build_id"I\n\x15CreateSandboxResponse\x120\n\x07sandbox\x18\x01 \x01(\x0b2\x16.hostagent.SandboxInfoR\x07sandbox"6\n\x15DestroySandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"\x18\n\x16DestroySandboxResponse"4\n\x13PauseSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"1\n\x14PauseSandboxResponse\x12\x19\n\x08build_id\x18\x01 \x01(\tR\x07buildId"\x95\x01\n\x14ResumeSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12*\n\x11envd_access_token\x18\x02 \x01(\tR\x0fenvdAccessToken\x122\n\x15allow_internet_access\x18\x03 \x01(\x08R\x13allowInternetAccess"I\n\x15ResumeSandboxResponse\x120\n\x07sandbox\x18\x01 \x01(\x0b2\x16.hostagent.SandboxInfoR\x07sandbox"W\n\x15CreateSnapshotRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0bsnapshot_id\x18\x02 \x01(\tR\nsnapshotId"\xc8\x01\n\x0cSnapshotInfo\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12\x14\n\x05vcpus\x18\x03 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x04 \x01(\rR\tmemoryMib\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12"\n\rcreated_at_ms\x18\x06 \x01(\x03R\x0bcreatedAtMs"M\n\x16CreateSnapshotResponse\x123\n\x08snapshot\x18\x01 \x01(\x0b2\x17.hostagent.SnapshotInfoR\x08snapshot"8\n\x15DeleteSnapshotRequest\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId"\x18\n\x16DeleteSnapshotResponse"\x16\n\x14ListSandboxesRequest"M\n\x15ListSandboxesResponse\x124\n\tsandboxes\x18\x01 \x03(\x0b2\x16.hostagent.SandboxInfoR\tsandboxes"9\n\x18GetSandboxMetricsRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"\xde\x02\n\x0eSandboxMetrics\x12!\n\x0ctimestamp_ms\x18\x01 \x01(\x03R\x0btimestampMs\x12\x1b\n\tcpu_count\x18\x02 \x01(\rR\x08cpuCount\x12 \n\x0ccpu_used_pct\x18\x03 \x01(\x01R\ncpuUsedPct\x12$\n\x0emem_used_bytes\x18\x04 \x01(\x03R\x0cmemUsedBytes\x12&\n\x0fmem_total_bytes\x18\x05 \x01(\x03R\rmemTotalBytes\x12&\n\x0fdisk_used_bytes\x18\x06 \x01(\x03R\rdiskUsedBytes\x12(\n\x10disk_total_bytes\x18\x07 \x01(\x03R\x0ediskTotalBytes\x12"\n\rvmm_rss_bytes\x18\x08 \x01(\x03R\x0bvmmRssBytes\x12&\n\x0fvmm_cpu_seconds\x18\t \x01(\x01R\rvmmCpuSeconds"P\n\x19GetSandboxMetricsResponse\x123\n\x07metrics\x18\x01 \x01(\x0b2\x19.hostagent.SandboxMetricsR\x07metrics"g\n\x15GetSandboxLogsRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x19\n\x08start_ms\x18\x02 \x01(\x03R\x07startMs\x12\x14\n\x05limit\x18\x03 \x01(\rR\x05limit"\xf3\x01\n\x0fSandboxLogEntry\x12!\n\x0ctimestamp_ms\x18\x01 \x01(\x03R\x0btimestampMs\x12\x14\n\x05level\x18\x02 \x01(\tR\x05level\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12>\n\x06fields\x18\x04 \x03(\x0b2&.hostagent.SandboxLogEntry.FieldsEntryR\x06fields\x12\x12\n\x04line\x18\x05 \x01(\tR\x04line\x1a9\n\x0bFieldsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"N\n\x16GetSandboxLogsResponse\x124\n\x07entries\x18\x01 \x03(\x0b2\x1a.hostagent.SandboxLogEntryR\x07entries"\xc1\x01\n\x0cTemplateInfo\x12\x1f\n\x0btemplate_id\x18\x01 \x01(\tR\ntemplateId\x12\x19\n\x08build_id\x18\x02 \x01(\tR\x07buildId\x12\x14\n\x05vcpus\x18\x03 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x04 \x01(\rR\tmemoryMib\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12!\n\x0cenvd_version\x18\x06 \x01(\tR\x0benvdVersion"\x14\n\x12GetHostInfoRequest"\xa8\x03\n\x13GetHostInfoResponse\x12\x18\n\x07runtime\x18\x01 \x01(\tR\x07runtime\x12\x14\n\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12!\n\x0cmemory_bytes\x18\x03 \x01(\x03R\x0bmemoryBytes\x12\x1d\n\ndisk_bytes\x18\x04 \x01(\x03R\tdiskBytes\x12*\n\x11memory_free_bytes\x18\x05 \x01(\x03R\x0fmemoryFreeBytes\x12&\n\x0fdisk_free_bytes\x18\x06 \x01(\x03R\rdiskFreeBytes\x12\x1c\n\tsandboxes\x18\x07 \x01(\rR\tsandboxes\x125\n\ttemplates\x18\x08 \x03(\x0b2\x17.hostagent.TemplateInfoR\ttemplates\x125\n\tsnapshots\x18\t \x03(\x0b2\x17.hostagent.SnapshotInfoR\tsnapshots\x12\x18\n\x07version\x18\n \x01(\tR\x07version\x12%\n\x0eruntime_reason\x18\x0b \x01(\tR\rruntimeReason*\xcf\x01\n\x0cSandboxState\x12\x1d\n\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SANDBOX_STATE_STARTING\x10\x01\x12\x19\n\x15SANDBOX_STATE_RUNNING\x10\x02\x12\x19\n\x15SANDBOX_STATE_PAUSING\x10\x03\x12\x18\n\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x1a\n\x16SANDBOX_STATE_STOPPING\x10\x05\x12\x18\n\x14SANDBOX_STATE_FAILED\x10\x062\xe2\x06\n\tHostAgent\x12R\n\rCreateSandbox\x12\x1f.hostagent.CreateSandboxRequest\x1a .hostagent.CreateSandboxResponse\x12U\n\x0eDestroySandbox\x12 .hostagent.DestroySandboxRequest\x1a!.hostagent.DestroySandboxResponse\x12O\n\x0cPauseSandbox\x12\x1e.hostagent.PauseSandboxRequest\x1a\x1f.hostagent.PauseSandboxResponse\x12R\n\rResumeSandbox\x12\x1f.hostagent.ResumeSandboxRequest\x1a .hostagent.ResumeSandboxResponse\x12U\n\x0eCreateSnapshot\x12 .hostagent.CreateSnapshotRequest\x1a!.hostagent.CreateSnapshotResponse\x12U\n\x0eDeleteSnapshot\x12 .hostagent.DeleteSnapshotRequest\x1a!.hostagent.DeleteSnapshotResponse\x12R\n\rListSandboxes\x12\x1f.hostagent.ListSandboxesRequest\x1a .hostagent.ListSandboxesResponse\x12^\n\x11GetSandboxMetrics\x12#.hostagent.GetSandboxMetricsRequest\x1a$.hostagent.GetSandboxMetricsResponse\x12U\n\x0eGetSandboxLogs\x12 .hostagent.GetSandboxLogsRequest\x1a!.hostagent.GetSandboxLogsResponse\x12L\n\x0bGetHostInfo\x12\x1d.hostagent.GetHostInfoRequest\x1a\x1e.hostagent.GetHostInfoResponseb\x06proto3',
     [],
     {
         "CreateSandboxRequest": CreateSandboxRequest,
@@ -977,6 +1112,9 @@ _DESC = file_desc(
         "GetSandboxMetricsRequest": GetSandboxMetricsRequest,
         "SandboxMetrics": SandboxMetrics,
         "GetSandboxMetricsResponse": GetSandboxMetricsResponse,
+        "GetSandboxLogsRequest": GetSandboxLogsRequest,
+        "SandboxLogEntry": SandboxLogEntry,
+        "GetSandboxLogsResponse": GetSandboxLogsResponse,
         "TemplateInfo": TemplateInfo,
         "GetHostInfoRequest": GetHostInfoRequest,
         "GetHostInfoResponse": GetHostInfoResponse,
