@@ -5,6 +5,7 @@ agent checks about requests (states, unknown ids) and records every call."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -66,6 +67,21 @@ class FakeHostAgent:
     envd_version: str = ENVD_VERSION
     #: Called when a sandbox starts (create or resume), as a real agent runs envd's /init.
     on_start: Callable[[FakeSandbox], Awaitable[None]] | None = None
+    #: envd's log entries per sandbox, as a real agent keeps them (``log`` adds one).
+    logs: dict[str, list[pb.SandboxLogEntry]] = field(default_factory=dict)
+
+    def log(
+        self, sandbox_id: str, message: str, *, level: str = "info", at_ms: int = 0, **fields: str
+    ) -> pb.SandboxLogEntry:
+        """Record a log line of a sandbox, as envd would write it on the console."""
+        at_ms = at_ms or int(time.time() * 1000)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(at_ms / 1000))
+        line = json.dumps({**fields, "event": message, "level": level, "timestamp": f"{stamp}Z"})
+        entry = pb.SandboxLogEntry(
+            timestamp_ms=at_ms, level=level, message=message, fields=fields, line=line
+        )
+        self.logs.setdefault(sandbox_id, []).append(entry)
+        return entry
 
     def asgi(self) -> Any:
         return HostAgentASGIApplication(self)
@@ -123,6 +139,7 @@ class FakeHostAgent:
         self._enter("DestroySandbox", request.sandbox_id)
         self._get(request.sandbox_id)
         del self.sandboxes[request.sandbox_id]
+        self.logs.pop(request.sandbox_id, None)
         return pb.DestroySandboxResponse()
 
     async def pause_sandbox(
@@ -198,6 +215,20 @@ class FakeHostAgent:
                 disk_total_bytes=1024 * 1024 * 1024,
             )
         )
+
+    async def get_sandbox_logs(
+        self, request: pb.GetSandboxLogsRequest, ctx: Any
+    ) -> pb.GetSandboxLogsResponse:
+        """What a real agent answers: the kept entries from ``start_ms``, oldest first, at
+        most ``limit`` (0: all), in any state of the sandbox."""
+        self._enter("GetSandboxLogs", request.sandbox_id)
+        self._get(request.sandbox_id)
+        entries = [
+            e for e in self.logs.get(request.sandbox_id, []) if e.timestamp_ms >= request.start_ms
+        ]
+        if request.limit:
+            entries = entries[: request.limit]
+        return pb.GetSandboxLogsResponse(entries=entries)
 
     async def get_host_info(
         self, request: pb.GetHostInfoRequest, ctx: Any

@@ -20,6 +20,7 @@ from sqlalchemy import text
 from tests.conftest import free_port
 from tests.controlplane import example_extension
 from tests.controlplane.conftest import Stack, wait_for
+from tests.controlplane.test_storage import HEAD
 from wrenn.controlplane import Extension
 from wrenn.controlplane.db.migrate import current_heads
 
@@ -31,7 +32,7 @@ def test_extension_route_worker_middleware_and_migration(make_stack: Any) -> Non
     stack: Stack = make_stack(extensions=[example_extension.EXTENSION])
     stack.add_host()
     heads = stack.run(current_heads(stack.cp.db.engine))
-    assert heads == {"0002", "example0001"}
+    assert heads == {HEAD, "example0001"}
 
     _, key = stack.new_team("ext")
     me = stack.client(key)

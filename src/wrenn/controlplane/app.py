@@ -1,8 +1,8 @@
 """Composition of the control plane: ``build`` makes the ASGI app, ``run`` is the whole process.
 
 Start-up (the app lifespan): migrations (ours, then each extension's), the bootstrap admin key
-on an empty database, then the workers — lifecycle, reconciler, webhook deliveries and every
-extension's — in one TaskGroup that lives as long as the app.
+on an empty database, then the workers — lifecycle, reconciler, metrics sampler, webhook
+deliveries and every extension's — in one TaskGroup that lives as long as the app.
 
 Requests pass, outermost first: sandbox traffic goes to the proxy (``ProxyDispatch``); request
 id; NUL refusal; audit; extensions' middleware; error mapping; the routes.
@@ -37,6 +37,7 @@ from wrenn.controlplane.lifecycle import LifecycleWorker
 from wrenn.controlplane.proxy import ProxyDispatch, SandboxProxy
 from wrenn.controlplane.reconciler import Reconciler
 from wrenn.controlplane.routes import ROUTERS
+from wrenn.controlplane.sampler import MetricsSampler
 from wrenn.controlplane.sandboxes import Sandboxes, policy_of
 from wrenn.controlplane.scheduler import Scheduler
 from wrenn.controlplane.webhooks import RetryPolicy, WebhookWorker
@@ -111,6 +112,13 @@ def build(
                     ctx.audit,
                     interval_s=settings.reconcile_interval_s,
                     lost_grace_s=settings.host_lost_grace_s,
+                ).run(),
+                "metrics": MetricsSampler(
+                    ctx.db,
+                    ctx.hosts,
+                    ctx.scheduler,
+                    interval_s=settings.metrics_interval_s,
+                    retention_s=settings.metrics_retention_s,
                 ).run(),
                 "webhooks": WebhookWorker(
                     ctx.db,

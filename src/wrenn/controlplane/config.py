@@ -60,6 +60,16 @@ class ControlPlaneSettings(BaseSettings):
     #: through this process apply at once; other replicas' after at most this). 0: always ask.
     api_key_cache_s: float = Field(default=5.0, ge=0)
 
+    # --- metrics ---
+    #: How often every running sandbox's usage is sampled (``GET /sandboxes/{id}/metrics``).
+    metrics_interval_s: float = Field(default=5.0, gt=0)
+    #: How long samples are kept.
+    metrics_retention_s: float = Field(default=3600.0, gt=0)
+
+    # --- idempotent creates ---
+    #: How long an ``Idempotency-Key`` of a create is remembered (its response replayed).
+    idempotency_ttl_s: float = Field(default=24 * 3600.0, gt=0)
+
     # --- reconciler ---
     #: How often the database is compared with what every live host runs.
     reconcile_interval_s: float = Field(default=30.0, gt=0)

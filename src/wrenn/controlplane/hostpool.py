@@ -85,6 +85,13 @@ class AgentClient:
         resp = await self._call("GetSandboxMetrics", lambda: self._client.get_sandbox_metrics(req))
         return resp.metrics
 
+    async def sandbox_logs(
+        self, sandbox_id: str, start_ms: int, limit: int
+    ) -> list[pb.SandboxLogEntry]:
+        req = pb.GetSandboxLogsRequest(sandbox_id=sandbox_id, start_ms=start_ms, limit=limit)
+        resp = await self._call("GetSandboxLogs", lambda: self._client.get_sandbox_logs(req))
+        return list(resp.entries)
+
     async def aclose(self) -> None:
         await self._client.close()
 

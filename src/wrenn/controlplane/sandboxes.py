@@ -25,6 +25,7 @@ from wrenn.controlplane.db import Database
 from wrenn.controlplane.db.records import (
     VISIBLE_STATES,
     Host,
+    MetricSample,
     Page,
     Sandbox,
     SandboxState,
@@ -35,7 +36,7 @@ from wrenn.controlplane.db.sandboxes import SandboxQuery
 from wrenn.controlplane.errors import Conflict
 from wrenn.controlplane.events import Events, EventType, sandbox_event
 from wrenn.controlplane.hostpool import AgentClient, HostPool
-from wrenn.core.errors import InvalidArgument, NotFound, Unavailable
+from wrenn.core.errors import InvalidArgument, NotFound, Unavailable, WrennError
 from wrenn.gen.hostagent import hostagent_pb as pb
 
 _log = log.get(__name__)
@@ -61,15 +62,39 @@ class CreateSpec:
     public_traffic: bool = True
 
 
+#: Latest time a log entry may carry (a guest clock gone wild is clamped to it).
+_MAX_TIMESTAMP_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
+#: Most samples one metrics request returns (the newest of a longer range).
+MAX_SAMPLES = 10_000
+
+
 @dataclass(frozen=True)
-class Metrics:
+class LogEntry:
+    """One of envd's log lines from inside the sandbox."""
+
     timestamp: datetime
-    cpu_count: int
-    cpu_used_pct: float
-    mem_used_bytes: int
-    mem_total_bytes: int
-    disk_used_bytes: int
-    disk_total_bytes: int
+    #: debug, info, warn or error.
+    level: str
+    message: str
+    fields: dict[str, str]
+    #: The line as envd wrote it.
+    line: str
+
+
+def sample_of(sandbox_id: str, m: pb.SandboxMetrics, vcpus: int) -> MetricSample:
+    """A host agent's metrics as a sample (its own time, or now when it gives none)."""
+    return MetricSample(
+        sandbox_id=sandbox_id,
+        sampled_at=datetime.fromtimestamp(m.timestamp_ms / 1000, UTC)
+        if m.timestamp_ms > 0
+        else _now(),
+        cpu_count=m.cpu_count or vcpus,
+        cpu_used_pct=m.cpu_used_pct,
+        mem_used_bytes=m.mem_used_bytes,
+        mem_total_bytes=m.mem_total_bytes,
+        disk_used_bytes=m.disk_used_bytes,
+        disk_total_bytes=m.disk_total_bytes,
+    )
 
 
 def policy_of(settings: ControlPlaneSettings) -> scheduler.Policy:
@@ -161,6 +186,11 @@ class Sandboxes:
                 demand,
                 pinned_host_id=snapshot.host_id if snapshot else None,
                 pinned_reason=f"snapshot {snapshot.id}" if snapshot else "",
+                template=None
+                if snapshot
+                else scheduler.TemplateOnHosts(
+                    template_id, await tx.host_templates.hosts_with(template_id)
+                ),
             )
             sandbox = Sandbox(
                 id=ids.sandbox_id(),
@@ -484,26 +514,69 @@ class Sandboxes:
             await tx.snapshots.delete(snapshot.id)
         _log.info("snapshot.deleted", snapshot_id=snapshot.id)
 
-    # --- metrics --------------------------------------------------------------------------
+    # --- metrics and logs ----------------------------------------------------------------
 
-    async def metrics(self, team_id: str, sandbox_id: str) -> list[Metrics]:
+    async def metrics(
+        self, team_id: str, sandbox_id: str, start: datetime | None, end: datetime | None
+    ) -> list[MetricSample]:
+        """The samples kept of the sandbox in [start, end] (the metrics sampler takes them);
+        while none is kept yet, a running sandbox's current sample if it falls in the range."""
         sandbox = await self.get(team_id, sandbox_id)
-        if sandbox.state is not SandboxState.RUNNING:
-            return []
+        async with self._db.transaction(read_only=True) as tx:
+            series = await tx.metrics.series(sandbox.id, start, end, MAX_SAMPLES)
+        if series or sandbox.state is not SandboxState.RUNNING:
+            return series
         _, agent = await self._agent(sandbox.host_id, f"sandbox {sandbox.id!r}")
         m = await agent.sandbox_metrics(sandbox.id)
         if m is None:
             return []
+        sample = sample_of(sandbox.id, m, sandbox.vcpus)
+        at = int(sample.sampled_at.timestamp())
+        if (start is not None and at < int(start.timestamp())) or (
+            end is not None and at > int(end.timestamp())
+        ):
+            return []
+        return [sample]
+
+    async def latest_metrics(self, team_id: str, sandbox_ids: list[str]) -> dict[str, MetricSample]:
+        """The newest kept sample of each of the team's ``sandbox_ids`` that has one."""
+        known = [s for s in sandbox_ids if ids.is_sandbox_id(s)]
+        async with self._db.transaction(read_only=True) as tx:
+            return await tx.metrics.latest(team_id, known)
+
+    async def logs(
+        self, team_id: str, sandbox_id: str, start_ms: int, limit: int
+    ) -> list[LogEntry]:
+        """envd's log entries the sandbox's host keeps (logged at or after ``start_ms``, unix
+        milliseconds; oldest first; at most ``limit``). A sandbox whose host is gone or silent,
+        or that is not running and whose host cannot answer, has none; a running one whose
+        host fails to answer is an error."""
+        sandbox = await self.get(team_id, sandbox_id)
+        if limit <= 0:
+            return []
+        async with self._db.transaction(read_only=True) as tx:
+            host = await tx.hosts.get(sandbox.host_id) if sandbox.host_id else None
+        if host is None or not self._scheduler.is_live(host):
+            return []
+        try:
+            agent = await self._pool.get(host)
+            entries = await agent.sandbox_logs(sandbox.id, max(0, start_ms), limit)
+        except NotFound:
+            return []  # the host no longer holds it (killed meanwhile, or the agent restarted)
+        except WrennError as err:
+            if sandbox.state is SandboxState.RUNNING:
+                raise
+            _log.info("sandbox.logs_unavailable", sandbox_id=sandbox.id, code=err.code.value)
+            return []
         return [
-            Metrics(
-                timestamp=datetime.fromtimestamp(m.timestamp_ms / 1000, UTC)
-                if m.timestamp_ms
-                else _now(),
-                cpu_count=m.cpu_count or sandbox.vcpus,
-                cpu_used_pct=m.cpu_used_pct,
-                mem_used_bytes=m.mem_used_bytes,
-                mem_total_bytes=m.mem_total_bytes,
-                disk_used_bytes=m.disk_used_bytes,
-                disk_total_bytes=m.disk_total_bytes,
+            LogEntry(
+                timestamp=datetime.fromtimestamp(
+                    min(max(e.timestamp_ms, 0), _MAX_TIMESTAMP_MS) / 1000, UTC
+                ),
+                level=e.level or "info",
+                message=e.message,
+                fields=dict(e.fields),
+                line=e.line,
             )
+            for e in entries
         ]

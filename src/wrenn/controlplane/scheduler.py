@@ -5,21 +5,34 @@ window. For each resource the headroom left after placing the sandbox is a fract
 host can give (capacity less its reserve); a host's score is its bottleneck — the smallest of
 the CPU, memory and disk fractions — and the sandbox goes to the candidate with the largest
 score that stays non-negative. A sandbox that must run where its data is (a snapshot stored on
-one host, a paused sandbox's disk) is pinned to that host and fails rather than move.
+one host, a paused sandbox's disk) is pinned to that host and fails rather than move. A sandbox
+of a template goes only to a host that reported that template in its latest heartbeat; when no
+host has it the create is refused (``Conflict``, naming the template) rather than sent to
+a host that would have to answer "not found"; when only hosts that cannot take it now (silent,
+draining, full) have it, ``NoHostAvailable`` says so, naming the template.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from wrenn.controlplane.db.records import Host, HostLoad, HostStatus
-from wrenn.controlplane.errors import NoHostAvailable
+from wrenn.controlplane.errors import Conflict, NoHostAvailable
 
-__all__ = ["Demand", "NoHostAvailable", "Policy", "Scheduler", "headroom", "is_live", "place"]
+__all__ = [
+    "Demand",
+    "NoHostAvailable",
+    "Policy",
+    "Scheduler",
+    "TemplateOnHosts",
+    "headroom",
+    "is_live",
+    "place",
+]
 
 
 @dataclass(frozen=True)
@@ -27,6 +40,14 @@ class Demand:
     vcpus: int
     memory_mib: int
     disk_mib: int
+
+
+@dataclass(frozen=True)
+class TemplateOnHosts:
+    """The template a sandbox starts from and the hosts that have it."""
+
+    template_id: str
+    host_ids: Collection[str]
 
 
 @dataclass(frozen=True)
@@ -98,9 +119,19 @@ def place(
     *,
     pinned_host_id: str | None = None,
     pinned_reason: str = "",
+    template: TemplateOnHosts | None = None,
 ) -> Host:
-    """The host ``demand`` goes to, or ``NoHostAvailable`` saying why none fits."""
+    """The host ``demand`` goes to, or ``NoHostAvailable`` saying why none fits. ``template``:
+    only hosts that have it are candidates (``Conflict`` when no host has it)."""
     size = f"{demand.vcpus} vCPU, {demand.memory_mib} MiB"
+    if pinned_host_id is None and template is not None and hosts:
+        hosts = [h for h in hosts if h.id in template.host_ids]
+        if not hosts:
+            raise Conflict(
+                f"template {template.template_id!r} is on no host: none reported it in its "
+                "latest heartbeat"
+            )
+        size += f" of template {template.template_id!r}"
     if pinned_host_id is not None:
         host = next((h for h in hosts if h.id == pinned_host_id), None)
         if host is None:
@@ -160,6 +191,7 @@ class Scheduler:
         *,
         pinned_host_id: str | None = None,
         pinned_reason: str = "",
+        template: TemplateOnHosts | None = None,
     ) -> Host:
         return place(
             hosts,
@@ -169,4 +201,5 @@ class Scheduler:
             datetime.now(UTC),
             pinned_host_id=pinned_host_id,
             pinned_reason=pinned_reason,
+            template=template,
         )

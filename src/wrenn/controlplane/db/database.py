@@ -30,7 +30,10 @@ from wrenn.controlplane.db import migrate
 from wrenn.controlplane.db.audit import AuditRepository
 from wrenn.controlplane.db.channels import ChannelRepository
 from wrenn.controlplane.db.deliveries import DeliveryRepository
+from wrenn.controlplane.db.host_templates import HostTemplateRepository
 from wrenn.controlplane.db.hosts import HostRepository
+from wrenn.controlplane.db.idempotency import IdempotencyRepository
+from wrenn.controlplane.db.metrics import MetricRepository
 from wrenn.controlplane.db.sandboxes import SandboxRepository
 from wrenn.controlplane.db.snapshots import SnapshotRepository
 from wrenn.controlplane.db.teams import TeamRepository
@@ -49,6 +52,9 @@ class Transaction:
         self.audit = AuditRepository(session)
         self.channels = ChannelRepository(session)
         self.deliveries = DeliveryRepository(session)
+        self.host_templates = HostTemplateRepository(session)
+        self.metrics = MetricRepository(session)
+        self.idempotency = IdempotencyRepository(session)
         self._after_commit: list[Callable[[], None]] = []
 
     def after_commit(self, callback: Callable[[], None]) -> None:

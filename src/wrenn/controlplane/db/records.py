@@ -257,3 +257,32 @@ class Delivery:
     last_error: str | None
     created_at: datetime
     delivered_at: datetime | None
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """A sandbox's usage at one moment, as its host's agent measured it."""
+
+    sandbox_id: str
+    sampled_at: datetime
+    cpu_count: int
+    cpu_used_pct: float
+    mem_used_bytes: int
+    mem_total_bytes: int
+    disk_used_bytes: int
+    disk_total_bytes: int
+
+
+@dataclass(frozen=True)
+class IdempotentRequest:
+    """A request made with an ``Idempotency-Key``: what it was (``fingerprint``) and, once it
+    finished, the response it got."""
+
+    team_id: str
+    key: str
+    fingerprint: str
+    #: ``None`` while the first request is still being served.
+    status_code: int | None
+    response: dict[str, Any] | None
+    created_at: datetime
+    expires_at: datetime

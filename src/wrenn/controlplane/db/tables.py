@@ -12,6 +12,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -247,3 +248,51 @@ class DeliveryRow(Base):
     last_error: Mapped[str | None] = mapped_column(String(512), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class HostTemplateRow(Base):
+    """A template a host reported in its latest heartbeat: sandboxes of it may go there."""
+
+    __tablename__ = "host_templates"
+
+    host_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True
+    )
+    template_id: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)
+    build_id: Mapped[str] = mapped_column(String(64))
+    reported_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class SandboxMetricRow(Base):
+    """One sample of a running sandbox's usage (the metrics sampler; kept for a while)."""
+
+    __tablename__ = "sandbox_metrics"
+
+    sandbox_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("sandboxes.id", ondelete="CASCADE"), primary_key=True
+    )
+    sampled_at: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True, index=True)
+    cpu_count: Mapped[int] = mapped_column(Integer)
+    cpu_used_pct: Mapped[float] = mapped_column(Float)
+    mem_used: Mapped[int] = mapped_column(BigInteger)
+    mem_total: Mapped[int] = mapped_column(BigInteger)
+    disk_used: Mapped[int] = mapped_column(BigInteger)
+    disk_total: Mapped[int] = mapped_column(BigInteger)
+
+
+class IdempotencyKeyRow(Base):
+    """A create made with an ``Idempotency-Key``: the request it was for and, once done, its
+    response (``status_code`` NULL: still in progress)."""
+
+    __tablename__ = "idempotency_keys"
+
+    team_id: Mapped[str] = mapped_column(
+        String(32), ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: SHA-256 over the method, path and body of the request.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)

@@ -4,6 +4,7 @@ from wrenn.controlplane.routes import (
     audit,
     channels,
     hosts,
+    metrics,
     sandboxes,
     snapshots,
     teams,
@@ -11,6 +12,8 @@ from wrenn.controlplane.routes import (
 )
 
 ROUTERS = (
+    # Before sandboxes: /sandboxes/metrics is no sandbox id.
+    metrics.router,
     sandboxes.router,
     templates.router,
     hosts.router,

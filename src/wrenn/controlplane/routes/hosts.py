@@ -83,6 +83,7 @@ async def heartbeat(body: api.Heartbeat, host: HostAuth, cp: CP) -> api.Heartbea
         assert beat is not None
         updated, came_up = beat
         await tx.templates.record_reported(reports)
+        await tx.host_templates.replace(host.id, reports)
         if came_up:
             await cp.events.emit(tx, host_event(EventType.HOST_UP, updated, runtime=body.runtime))
     return api.HeartbeatAck(host_id=updated.id, status=updated.status.value)

@@ -6,13 +6,14 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import TypeAdapter
 
 from wrenn.controlplane.auth import CP, Team
 from wrenn.controlplane.context import ServerContext
 from wrenn.controlplane.db.records import Sandbox, SandboxState, Snapshot
 from wrenn.controlplane.db.sandboxes import SandboxQuery
+from wrenn.controlplane.idempotency import Idempotency, IdempotencyKey, Outcome, fingerprint
 from wrenn.controlplane.sandboxes import CreateSpec
 from wrenn.controlplane.schemas import e2b
 from wrenn.core.errors import InvalidArgument
@@ -154,14 +155,47 @@ async def _create(
     return created(cp, sandbox)
 
 
-@router.post("/sandboxes", status_code=201, response_model_exclude_none=True)
-async def create_sandbox(body: e2b.NewSandbox, cp: CP, who: Team) -> e2b.Sandbox:
-    return await _create(cp, who, body, V1_DEFAULT_TIMEOUT_S)
+async def _create_once(
+    request: Request,
+    cp: ServerContext,
+    who: Team,
+    body: e2b.NewSandbox,
+    default_timeout_s: int,
+    key: str | None,
+) -> Response:
+    async def work() -> Outcome:
+        sandbox = await _create(cp, who, body, default_timeout_s)
+        return Outcome(201, sandbox.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+    return await Idempotency.of(cp.db, cp.config).once(
+        who.team.id, key, fingerprint(request.method, request.url.path, body), work
+    )
 
 
-@router.post("/v2/sandboxes", status_code=201, response_model_exclude_none=True)
-async def create_sandbox_v2(body: e2b.NewSandbox, cp: CP, who: Team) -> e2b.Sandbox:
-    return await _create(cp, who, body, cp.config.default_timeout_s)
+@router.post(
+    "/sandboxes", status_code=201, response_model=e2b.Sandbox, response_model_exclude_none=True
+)
+async def create_sandbox(
+    request: Request,
+    body: e2b.NewSandbox,
+    cp: CP,
+    who: Team,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    return await _create_once(request, cp, who, body, V1_DEFAULT_TIMEOUT_S, idempotency_key)
+
+
+@router.post(
+    "/v2/sandboxes", status_code=201, response_model=e2b.Sandbox, response_model_exclude_none=True
+)
+async def create_sandbox_v2(
+    request: Request,
+    body: e2b.NewSandbox,
+    cp: CP,
+    who: Team,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    return await _create_once(request, cp, who, body, cp.config.default_timeout_s, idempotency_key)
 
 
 def parse_metadata_filter(raw: str | None) -> dict[str, str]:
@@ -338,36 +372,6 @@ async def create_snapshot(
     return e2b.SnapshotInfo(snapshot_id=snapshot.id, names=[snapshot.name] if snapshot.name else [])
 
 
-@router.get("/sandboxes/{sandbox_id}/metrics")
-async def metrics(
-    sandbox_id: str,
-    cp: CP,
-    who: Team,
-    start: Annotated[int | None, Query(ge=0, le=2**40)] = None,
-    end: Annotated[int | None, Query(ge=0, le=2**40)] = None,
-) -> list[e2b.SandboxMetric]:
-    """The sandbox's current sample (no history is kept yet; ``start``/``end`` filter it)."""
-    out = []
-    for m in await cp.sandboxes.metrics(who.team.id, sandbox_id):
-        unix = int(m.timestamp.timestamp())
-        if (start is not None and unix < start) or (end is not None and unix > end):
-            continue
-        out.append(
-            e2b.SandboxMetric(
-                timestamp=m.timestamp,
-                timestamp_unix=unix,
-                cpu_count=m.cpu_count,
-                cpu_used_pct=m.cpu_used_pct,
-                mem_used=m.mem_used_bytes,
-                mem_total=m.mem_total_bytes,
-                mem_cache=0,
-                disk_used=m.disk_used_bytes,
-                disk_total=m.disk_total_bytes,
-            )
-        )
-    return out
-
-
 @router.get("/sandboxes/{sandbox_id}/logs")
 async def logs(
     sandbox_id: str,
@@ -376,9 +380,25 @@ async def logs(
     start: Annotated[int | None, Query(ge=0, le=2**53)] = None,
     limit: Annotated[int, Query(ge=0, le=10_000)] = 1000,
 ) -> e2b.SandboxLogs:
-    """Sandbox logs. No guest log collection exists yet: always empty for a known sandbox."""
-    await cp.sandboxes.get(who.team.id, sandbox_id)
-    return e2b.SandboxLogs(logs=[], log_entries=[])
+    """envd's log lines from inside the sandbox, oldest first: those logged at or after
+    ``start`` (unix milliseconds), at most ``limit``. Its host keeps a bounded tail, across
+    pauses; a sandbox whose host is gone has none."""
+    entries = await cp.sandboxes.logs(who.team.id, sandbox_id, start or 0, limit)
+    return e2b.SandboxLogs(
+        logs=[e2b.SandboxLog(timestamp=e.timestamp, line=e.line) for e in entries],
+        log_entries=[
+            e2b.SandboxLogEntry(
+                timestamp=e.timestamp,
+                level=e2b.LogLevel(e.level) if e.level in _LOG_LEVELS else e2b.LogLevel.INFO,
+                message=e.message,
+                fields=e.fields,
+            )
+            for e in entries
+        ],
+    )
+
+
+_LOG_LEVELS = frozenset(level.value for level in e2b.LogLevel)
 
 
 @router.get("/snapshots")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from wrenn.controlplane.auth import CP, Team
 from wrenn.controlplane.db.records import Snapshot
+from wrenn.controlplane.idempotency import Idempotency, IdempotencyKey, Outcome, fingerprint
 from wrenn.controlplane.schemas import wrenn as api
 
 router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"])
@@ -27,10 +28,24 @@ def snapshot_out(s: Snapshot) -> api.SnapshotOut:
     )
 
 
-@router.post("", status_code=201)
-async def create_snapshot(body: api.NewSnapshot, cp: CP, who: Team) -> api.SnapshotOut:
-    """Snapshot a running sandbox (it keeps running); new sandboxes can start from it."""
-    return snapshot_out(await cp.sandboxes.snapshot(who.team.id, body.sandbox_id, body.name))
+@router.post("", status_code=201, response_model=api.SnapshotOut)
+async def create_snapshot(
+    request: Request,
+    body: api.NewSnapshot,
+    cp: CP,
+    who: Team,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    """Snapshot a running sandbox (it keeps running); new sandboxes can start from it.
+    ``Idempotency-Key``: a retry with the same key returns the first snapshot."""
+
+    async def work() -> Outcome:
+        snapshot = await cp.sandboxes.snapshot(who.team.id, body.sandbox_id, body.name)
+        return Outcome(201, snapshot_out(snapshot).model_dump(mode="json", by_alias=True))
+
+    return await Idempotency.of(cp.db, cp.config).once(
+        who.team.id, idempotency_key, fingerprint(request.method, request.url.path, body), work
+    )
 
 
 @router.get("")

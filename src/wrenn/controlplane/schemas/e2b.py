@@ -165,14 +165,34 @@ class SandboxMetric(_Model):
     disk_total: int = Field(serialization_alias="diskTotal")
 
 
+class SandboxesWithMetrics(_Model):
+    """``GET /sandboxes/metrics``: the latest sample of each sandbox asked for that has one."""
+
+    sandboxes: dict[str, SandboxMetric]
+
+
 class SandboxLog(_Model):
     timestamp: datetime
     line: str
 
 
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARN = "warn"
+    ERROR = "error"
+
+
+class SandboxLogEntry(_Model):
+    timestamp: datetime
+    level: LogLevel
+    message: str
+    fields: dict[str, str]
+
+
 class SandboxLogs(_Model):
     logs: list[SandboxLog]
-    log_entries: list[dict[str, object]] = Field(serialization_alias="logEntries")
+    log_entries: list[SandboxLogEntry] = Field(serialization_alias="logEntries")
 
 
 class Template(_Model):
