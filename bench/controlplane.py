@@ -11,10 +11,13 @@ What each row measures:
   the server's default page of 100 applies), with limit=100 spelled out, and the largest page
   (limit=1000). The server runs on uvloop, as ``wrenn-cp`` does.
 - download / upload: 100 MB (10^6 bytes) through envd's GET / POST /files with a streaming
-  client: straight to envd; through the host agent's forwarding path (its test double, the
-  same hop a real agent adds); and through the proxy in front of it (E2b-Sandbox-Id routing).
-  Best of three rounds, interleaved. The ratio is direct throughput over proxied throughput
-  (1.0: no cost).
+  client (the upload chunked, as a generator body is): straight to envd; through the host
+  agent's forwarding path (the agent's own ``Forwarder`` on its fast path, in front of envd
+  instead of a VM: the same hop a real agent adds); and through the proxy port in front of it
+  (E2b-Sandbox-Id routing), as ``wrenn-cp`` serves it. Best of three rounds, interleaved. The
+  ratio is direct throughput over proxied throughput (1.0: no cost). CPU seconds (user +
+  system) of each process per transfer, the least of the rounds: what each hop costs whatever
+  else competed for the cores meanwhile ("proxy" is the whole control plane process).
 
 The control plane, the forwarding double and envd each run in a process of their own, and the
 measuring client in another, as they would on real machines (here they share its cores).
@@ -29,11 +32,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -204,8 +209,32 @@ async def list_rate(api: str, key: str, limit: int | None) -> tuple[float, int]:
         return done / (time.perf_counter() - start), len(first.json())
 
 
-def transfer(url: str, headers: dict[str, str], path: str) -> tuple[float, float]:
-    """MB/s of one 100 MB upload and one 100 MB download."""
+class CpuMeter:
+    """CPU seconds (user + system, all threads) each measured process spends."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.procs = {name: psutil.Process(pid) for name, pid in pids.items()}
+
+    def sample(self) -> dict[str, float]:
+        return {name: sum(proc.cpu_times()[:2]) for name, proc in self.procs.items()}
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        now = self.sample()
+        return {name: now[name] - before[name] for name in now}
+
+
+@dataclass
+class Transfer:
+    """One upload and one download: MB/s and CPU seconds per process."""
+
+    up_mb_s: float
+    down_mb_s: float
+    up_cpu_s: dict[str, float]
+    down_cpu_s: dict[str, float]
+
+
+def transfer(url: str, headers: dict[str, str], path: str, meter: CpuMeter) -> Transfer:
+    """One 100 MB upload and one 100 MB download."""
     block = os.urandom(CHUNK)
 
     def body() -> Any:
@@ -216,6 +245,7 @@ def transfer(url: str, headers: dict[str, str], path: str) -> tuple[float, float
             yield piece
 
     with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+        before = meter.sample()
         start = time.perf_counter()
         resp = client.post(
             "/files",
@@ -225,6 +255,8 @@ def transfer(url: str, headers: dict[str, str], path: str) -> tuple[float, float
         )
         resp.raise_for_status()
         up = SIZE / 10**6 / (time.perf_counter() - start)
+        up_cpu = meter.since(before)
+        before = meter.sample()
         start = time.perf_counter()
         got = 0
         with client.stream("GET", "/files", params={"path": path}) as stream:
@@ -232,8 +264,9 @@ def transfer(url: str, headers: dict[str, str], path: str) -> tuple[float, float
             for chunk in stream.iter_raw(CHUNK):
                 got += len(chunk)
         down = got / 10**6 / (time.perf_counter() - start)
+        down_cpu = meter.since(before)
         assert got == SIZE, got
-    return up, down
+    return Transfer(up, down, up_cpu, down_cpu)
 
 
 def bench_list() -> None:
@@ -254,6 +287,42 @@ def bench_list() -> None:
             ["database", "page", "items", "req/s"],
             rows,
         )
+    )
+
+
+def _throughput_table(runs: dict[str, list[Transfer]]) -> str:
+    best = {
+        name: (max(t.up_mb_s for t in ts), max(t.down_mb_s for t in ts))
+        for name, ts in runs.items()
+    }
+    direct_up, direct_down = next(iter(best.values()))
+    rows = [
+        [name, f"{up:,.0f}", f"{direct_up / up:.2f}", f"{down:,.0f}", f"{direct_down / down:.2f}"]
+        for name, (up, down) in best.items()
+    ]
+    return table(
+        "100 MB through /files, best of each (MB/s; ratio = direct / this)",
+        ["path", "upload", "ratio", "download", "ratio"],
+        rows,
+    )
+
+
+def _cpu_table(runs: dict[str, list[Transfer]], procs: list[str]) -> str:
+    """Least CPU seconds per process over the rounds: the cost of a hop, whatever else
+    competed for the cores meanwhile."""
+    rows: list[list[object]] = []
+    for name, ts in runs.items():
+        for direction in ("upload", "download"):
+            used = [t.up_cpu_s if direction == "upload" else t.down_cpu_s for t in ts]
+            least = {proc: min(u[proc] for u in used) for proc in procs}
+            total = min(sum(u.values()) for u in used)
+            rows.append(
+                [name, direction, *(f"{least[proc]:.2f}" for proc in procs), f"{total:.2f}"]
+            )
+    return table(
+        "CPU seconds per 100 MB (user + system, least of the rounds)",
+        ["path", "direction", *procs, "total"],
+        rows,
     )
 
 
@@ -283,31 +352,22 @@ def bench_proxy() -> None:
                 {**auth, "E2b-Sandbox-Id": sid, "E2b-Sandbox-Port": "49983"},
             ),
         ]
-        best = {name: (0.0, 0.0) for name, _, _ in paths}
+        meter = CpuMeter(
+            {
+                "client": os.getpid(),
+                "proxy": c.proc.pid,
+                "forwarding": agent.proc.pid,
+                "envd": envd.proc.pid,
+            }
+        )
+        runs: dict[str, list[Transfer]] = {name: [] for name, _, _ in paths}
         for _ in range(ROUNDS):  # interleaved, best of each: the machine is shared
             for i, (name, url, headers) in enumerate(paths):
-                up, down = transfer(url, headers, f"{workdir}/blob{i}")
-                best[name] = (max(best[name][0], up), max(best[name][1], down))
-        results = [(name, *best[name]) for name, _, _ in paths]
-        direct_up, direct_down = results[0][1], results[0][2]
-        rows = [
-            [
-                name,
-                f"{up:,.0f}",
-                f"{direct_up / up:.2f}",
-                f"{down:,.0f}",
-                f"{direct_down / down:.2f}",
-            ]
-            for name, up, down in results
-        ]
+                runs[name].append(transfer(url, headers, f"{workdir}/blob{i}", meter))
         print()
-        print(
-            table(
-                "100 MB through /files (MB/s; ratio = direct / this)",
-                ["path", "upload", "ratio", "download", "ratio"],
-                rows,
-            )
-        )
+        print(_throughput_table(runs))
+        print()
+        print(_cpu_table(runs, list(meter.procs)))
     finally:
         for child_process in reversed(children):
             child_process.close()

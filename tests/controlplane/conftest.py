@@ -33,7 +33,9 @@ from tests.conftest import free_port
 from tests.controlplane.fake_agent import FakeHostAgent
 from wrenn.controlplane import ControlPlaneSettings, Extension, ServerContext, build
 from wrenn.controlplane.db.tables import HostRow
+from wrenn.controlplane.proxy import SandboxProxy
 from wrenn.controlplane.reconciler import Reconciler
+from wrenn.core import http1
 
 T = TypeVar("T")
 
@@ -210,8 +212,10 @@ class Served:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
+        # An app with a fast path is served as wrenn-cp and wrenn-agent serve it.
+        http = http1.FastPathProtocol if isinstance(app, http1.FastPathApp) else "auto"
         self.server = uvicorn.Server(
-            uvicorn.Config(app, lifespan="on", log_config=None, access_log=False)
+            uvicorn.Config(app, lifespan="on", log_config=None, access_log=False, http=http)
         )
         self._done = loop.submit(self.server.serve(sockets=[sock]))
         self._sock = sock
@@ -278,7 +282,8 @@ class Stack:
         try:
             self.app = build(self.settings, extensions, announce_bootstrap_key=False)
             self.cp: ServerContext = self.app.state.context
-            self.api = self.serve(self.app)
+            self.proxy: SandboxProxy = self.app.state.proxy
+            self.api = self.serve(http1.FastPathApp(self.app, self.proxy.route_api))
             if admin_key is None:
                 assert self.cp.bootstrap_key is not None, "database was not empty"
                 admin_key = self.cp.bootstrap_key.api_key
@@ -339,9 +344,11 @@ class Stack:
         key = self.admin.post(f"/v1/teams/{team['teamID']}/api-keys", json={"name": "k"}).json()
         return team["teamID"], key["key"]
 
-    def serve_proxy(self) -> str:
-        """Serve the sandbox proxy on a port of its own, as ``wrenn-cp`` does; its URL."""
-        return self.serve(self.app.state.proxy).url
+    def serve_proxy(self, *, fast_path: bool = True) -> str:
+        """Serve the sandbox proxy on a port of its own, as ``wrenn-cp`` does (without
+        ``fast_path``: its ASGI app alone); its URL."""
+        app = http1.FastPathApp(self.proxy, self.proxy.route) if fast_path else self.proxy
+        return self.serve(app).url
 
     def reconciler(self) -> Reconciler:
         """A reconciler over this control plane; tests call ``tick`` through ``run``."""

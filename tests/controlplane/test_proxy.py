@@ -1,23 +1,28 @@
 """The sandbox proxy, on its own port and on the API port, in front of the forwarding path test
-double (ForwardingHost: FakeHostAgent plus a real envd process, and loopback servers for a
-sandbox's other ports). The official e2b SDK drives envd through it in E2B_SANDBOX_URL mode;
-raw HTTP and WebSocket clients check routing, access and the answers when a sandbox cannot be
-reached."""
+double (ForwardingHost: FakeHostAgent serving the agent's real forwarding path, a real envd
+process behind it, and loopback servers for a sandbox's other ports). The official e2b SDK
+drives envd through it in E2B_SANDBOX_URL mode; raw HTTP and WebSocket clients check routing,
+access, relaying (streams, chunked bodies, keep-alive, 100-continue, bodies without length)
+and the answers when a sandbox cannot be reached. Every test runs against the proxy port's
+fast path and against its ASGI app alone: both must behave the same."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import socket
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -59,6 +64,11 @@ class LoopbackApp:
         if scope["path"] == "/stream":
             await self._stream(receive, send)
             return
+        if scope["path"].startswith("/status/"):
+            status = int(scope["path"].rsplit("/", 1)[1])
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         digest = hashlib.sha256()
         size = 0
         while True:
@@ -75,13 +85,17 @@ class LoopbackApp:
                 "headers": {k.decode(): v.decode() for k, v in scope["headers"]},
                 "size": size,
                 "sha256": digest.hexdigest(),
+                "peer": scope["client"][1],
             }
         ).encode()
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", b"application/json")],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", b"%d" % len(body)),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -124,7 +138,7 @@ class Proxied:
         return created
 
 
-@pytest.fixture
+@pytest.fixture(params=["fast-path", "asgi"])
 def proxied(make_stack: Any, request: pytest.FixtureRequest) -> Iterator[Proxied]:
     envd = EnvdProcess()
     stack: Stack | None = None
@@ -136,7 +150,8 @@ def proxied(make_stack: Any, request: pytest.FixtureRequest) -> Iterator[Proxied
         host = stack.add_host(agent, asgi=forward)
         app = LoopbackApp()
         served = stack.serve(app)
-        yield Proxied(stack, host, forward, envd, stack.serve_proxy(), served.port, app)
+        proxy_url = stack.serve_proxy(fast_path=request.param == "fast-path")
+        yield Proxied(stack, host, forward, envd, proxy_url, served.port, app)
         stack.run(forward.aclose())
     finally:
         envd.stop()
@@ -356,3 +371,132 @@ def test_client_leaving_ends_the_upstream_stream(proxied: Proxied) -> None:
         assert next(lines) == "tick"
         assert next(lines) == "tick"
     wait_for(proxied.app.stream_ended.is_set, "the upstream stream to end")
+
+
+def _roundtrip(sock: socket.socket, request: bytes) -> tuple[bytes, bytes]:
+    """Send ``request`` and read one response with a Content-Length: (head, body)."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or _closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(v for k, v in _head_fields(head) if k == b"content-length"))
+    while len(body) < length:
+        body += sock.recv(65536) or _closed()
+    return head, body
+
+
+def _head_fields(head: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (k.strip().lower(), v.strip())
+        for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+    ]
+
+
+def _closed() -> bytes:
+    raise AssertionError("the connection closed early")
+
+
+def test_request_and_response_bodies_in_every_framing(proxied: Proxied) -> None:
+    sid = proxied.create()["sandboxID"]
+    at_app = proxied.headers(sid, proxied.app_port)
+    with httpx.Client(base_url=proxied.proxy_url, headers=at_app, timeout=30) as c:
+        # Fixed lengths, copied (small) and spliced (large), and no body at all.
+        for size in (0, 10, 70_000, 5 * 2**20 + 3):
+            data = os.urandom(size)
+            echoed = c.post("/echo", content=data).json()
+            assert (echoed["size"], echoed["sha256"]) == (size, hashlib.sha256(data).hexdigest())
+        # Chunked: a body of unknown length, in pieces of every size.
+        data = os.urandom(3 * 2**20 + 7)
+        cuts = [0, 1, 2, 100, 65_536, 65_537, 200_000, 1_300_000, len(data)]
+
+        def pieces() -> Iterator[bytes]:
+            for start, end in itertools.pairwise(cuts):
+                yield data[start:end]
+
+        echoed = c.post("/echo", content=pieces()).json()
+        assert (echoed["size"], echoed["sha256"]) == (len(data), hashlib.sha256(data).hexdigest())
+        # Answers without a body, on the same connection.
+        head = c.head("/echo")
+        assert (head.status_code, head.content) == (200, b"")
+        for status in (204, 304):
+            resp = c.get(f"/status/{status}")
+            assert (resp.status_code, resp.content) == (status, b"")
+        assert c.get("/echo").status_code == 200
+
+
+def test_a_response_that_ends_with_its_connection(proxied: Proxied) -> None:
+    """No Content-Length and no chunks: the body is everything up to the server's close."""
+    body = os.urandom(300_000)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(30)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/x-raw\r\n\r\n" + body)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        sid = proxied.create()["sandboxID"]
+        port = listener.getsockname()[1]
+        resp = httpx.get(f"{proxied.proxy_url}/raw", headers=proxied.headers(sid, port), timeout=30)
+        assert resp.status_code == 200
+        assert resp.headers["content-type"] == "application/x-raw"
+        assert hashlib.sha256(resp.content).digest() == hashlib.sha256(body).digest()
+    finally:
+        listener.close()
+        server.join(30)
+
+
+def test_keep_alive_on_every_hop_and_100_continue(proxied: Proxied) -> None:
+    sid = proxied.create()["sandboxID"]
+    address = urlsplit(proxied.proxy_url)
+    fields = b"".join(
+        b"%s: %s\r\n" % (k.encode(), v.encode())
+        for k, v in proxied.headers(sid, proxied.app_port).items()
+    )
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        peers = set()
+        for _ in range(5):
+            head, body = _roundtrip(sock, b"GET /echo HTTP/1.1\r\nhost: x\r\n%s\r\n" % fields)
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            peers.add(json.loads(body)["peer"])
+        # The sandbox's server saw one connection: every hop kept its upstream alive.
+        assert len(peers) == 1
+
+        # Expect: 100-continue: the proxy says go before the body is sent.
+        sock.sendall(
+            b"POST /echo HTTP/1.1\r\nhost: x\r\n%scontent-length: 5\r\n"
+            b"expect: 100-continue\r\n\r\n" % fields
+        )
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += sock.recv(1) or _closed()
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        head, body = _roundtrip(sock, b"hello")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert json.loads(body)["size"] == 5
+        assert "expect" not in json.loads(body)["headers"]
+
+
+def test_api_calls_and_sandbox_traffic_share_a_connection_on_the_api_port(
+    proxied: Proxied,
+) -> None:
+    sid = proxied.create()["sandboxID"]
+    at_app = proxied.headers(sid, proxied.app_port)
+    key = {"X-API-Key": proxied.stack.admin_key}
+    with httpx.Client(base_url=proxied.stack.url, timeout=30) as c:
+        # Sandbox traffic first (the fast path), then the API on the same connection...
+        assert c.post("/echo", content=b"one", headers=at_app).json()["size"] == 3
+        assert c.get(f"/sandboxes/{sid}", headers=key).json()["sandboxID"] == sid
+        # ...after which the connection belongs to the API's server, which still relays.
+        assert c.post("/echo", content=b"four", headers=at_app).json()["size"] == 4
+        assert c.get(f"/sandboxes/{sid}", headers=key).status_code == 200

@@ -10,6 +10,7 @@ import uvicorn
 from wrenn import log
 from wrenn.agent import server
 from wrenn.agent.config import AgentSettings
+from wrenn.core import http1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         loop="uvloop",
+        # The forwarding path's fast path; everything else is served by uvicorn's httptools.
+        http=http1.FastPathProtocol,
         lifespan="on",
         log_config=None,
         access_log=False,

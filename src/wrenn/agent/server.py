@@ -21,6 +21,7 @@ from wrenn.agent.config import AgentSettings
 from wrenn.agent.edge import ErrorInterceptor
 from wrenn.agent.manager import CreateParams, Manager
 from wrenn.agent.sandbox import SandboxState, SandboxView
+from wrenn.core import http1
 from wrenn.gen.hostagent import hostagent_pb as pb
 from wrenn.gen.hostagent.hostagent_connect import HostAgent, HostAgentASGIApplication
 
@@ -275,4 +276,5 @@ def build(settings: AgentSettings) -> ASGIApp:
         else:
             await http(scope, receive, send)
 
-    return dispatch
+    # Plain HTTP under /sandboxes/ takes the fast path when served by FastPathProtocol.
+    return http1.FastPathApp(dispatch, forwarder.route)

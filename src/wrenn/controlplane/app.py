@@ -4,8 +4,10 @@ Start-up (the app lifespan): migrations (ours, then each extension's), the boots
 on an empty database, then the workers — lifecycle, reconciler, metrics sampler, webhook
 deliveries and every extension's — in one TaskGroup that lives as long as the app.
 
-Requests pass, outermost first: sandbox traffic goes to the proxy (``ProxyDispatch``); request
-id; NUL refusal; audit; extensions' middleware; error mapping; the routes.
+Requests pass, outermost first: plain HTTP sandbox traffic takes the proxy's fast path
+(``SandboxProxy.route_api``, never an ASGI message); other sandbox traffic goes to the proxy
+(``ProxyDispatch``); request id; NUL refusal; audit; extensions' middleware; error mapping;
+the routes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from wrenn.controlplane.sampler import MetricsSampler
 from wrenn.controlplane.sandboxes import Sandboxes, policy_of
 from wrenn.controlplane.scheduler import Scheduler
 from wrenn.controlplane.webhooks import RetryPolicy, WebhookWorker
+from wrenn.core import http1
 
 _log = log.get(__name__)
 
@@ -199,13 +202,15 @@ async def serve(app: FastAPI, settings: ControlPlaneSettings) -> bool:
             lifespan=lifespan,
             log_config=None,
             access_log=False,
-            http="httptools",
+            http=http1.FastPathProtocol,
         )
 
-    api = uvicorn.Server(config(app, settings.port, "on"))
+    proxy: SandboxProxy = app.state.proxy
+    api = uvicorn.Server(config(http1.FastPathApp(app, proxy.route_api), settings.port, "on"))
     servers = [api]
     if settings.proxy_port:
-        servers.append(uvicorn.Server(config(app.state.proxy, settings.proxy_port, "off")))
+        fast_proxy = http1.FastPathApp(proxy, proxy.route)
+        servers.append(uvicorn.Server(config(fast_proxy, settings.proxy_port, "off")))
 
     def end_all(_: object) -> None:
         # One ending (a signal, a failed start) ends the others.

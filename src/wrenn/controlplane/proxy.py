@@ -25,6 +25,13 @@ What a request gets when it cannot be forwarded (bodies ``{code, message}``):
   connection within ``proxy_connect_timeout_s``;
 - 503 ``unavailable``: still starting or resuming after ``proxy_resume_wait_s``, or the control
   plane itself is starting.
+
+Two ways in, one behaviour: ``route`` is the fast path (``core.http1``, how ``wrenn-cp`` serves
+the proxy port and sandbox traffic on the API port): a plain HTTP request is looked up and
+checked as above, then relayed byte for byte to the host agent, bodies spliced from socket to
+socket, over kept-alive connections. WebSocket upgrades, HTTP/1.0, hosts reached over TLS and
+connections uvicorn serves already (one that carried an API call first) take the ASGI app
+(``__call__``), which relays through ``relay`` and ``upstream``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import contextlib
 import hmac
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -47,6 +55,7 @@ from wrenn.controlplane.db.records import Host, Sandbox, SandboxState
 from wrenn.controlplane.errors import BadGateway, Conflict
 from wrenn.controlplane.events import Event
 from wrenn.controlplane.upstream import Origin, UpstreamPool
+from wrenn.core import http1
 from wrenn.core.errors import (
     Internal,
     InvalidArgument,
@@ -80,26 +89,29 @@ class Target:
     port: int
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
+Headers = Iterable[tuple[bytes, bytes]]
+
+
+def _header(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
         if key == name:
             return bytes(value)
     return None
 
 
-def target_of(scope: Scope, domain: str) -> Target | None:
-    """The sandbox and port a request is for, or ``None`` when it names none. With an empty
-    ``domain``, any ``{port}-{id}.…`` Host counts."""
-    sandbox_id = _header(scope, SANDBOX_ID_HEADER)
+def target_of(headers: Headers, domain: str) -> Target | None:
+    """The sandbox and port a request (its lower-cased headers) is for, or ``None`` when it
+    names none. With an empty ``domain``, any ``{port}-{id}.…`` Host counts."""
+    sandbox_id = _header(headers, SANDBOX_ID_HEADER)
     if sandbox_id is not None:
-        raw_port = _header(scope, SANDBOX_PORT_HEADER)
+        raw_port = _header(headers, SANDBOX_PORT_HEADER)
         port = ENVD_PORT
         if raw_port is not None:
             if not raw_port.isdigit() or not 0 < int(raw_port) < 65536:
                 raise InvalidArgument(f"E2b-Sandbox-Port: not a port ({raw_port[:16]!r})")
             port = int(raw_port)
         return Target(sandbox_id.decode("latin-1"), port)
-    host = _header(scope, b"host")
+    host = _header(headers, b"host")
     if host is None:
         return None
     match = _HOST.match(host.decode("latin-1").lower())
@@ -127,11 +139,14 @@ class SandboxProxy:
         self._domain = cfg.domain
         self._cache_s = cfg.proxy_cache_s
         self._wait_s = cfg.proxy_resume_wait_s
+        self._connect_timeout_s = cfg.proxy_connect_timeout_s
         self._routes: dict[str, _Route] = {}
         self._upstream = UpstreamPool(connect_timeout_s=cfg.proxy_connect_timeout_s)
+        self._pool = http1.Pool()
         ctx.events.subscribe(self._forget)
 
     async def aclose(self) -> None:
+        self._pool.close()
         await self._upstream.aclose()
 
     def _forget(self, event: Event) -> None:
@@ -141,33 +156,38 @@ class SandboxProxy:
         elif event.type.startswith("host."):
             self._routes.clear()
 
-    def handles(self, scope: Scope) -> bool:
+    def handles(self, headers: Headers) -> bool:
         """Whether a request arriving on the API port is sandbox traffic (the domain must
         match there, so the API's own Host names never do)."""
-        if _header(scope, SANDBOX_ID_HEADER) is not None:
+        if _header(headers, SANDBOX_ID_HEADER) is not None:
             return True
         if not self._domain:
             return False
         try:
-            return target_of(scope, self._domain) is not None
+            return target_of(headers, self._domain) is not None
         except InvalidArgument:
             return True
+
+    async def _admit(self, headers: Headers) -> tuple[Target, Host]:
+        """The sandbox a request is for, once it runs and the request may reach it."""
+        target = target_of(headers, self._domain)
+        if target is None:
+            raise NotFound(
+                "no sandbox named: send E2b-Sandbox-Id (and E2b-Sandbox-Port) or use the "
+                "Host {port}-{sandbox_id}.{domain}"
+            )
+        if not self._ctx.started.is_set():
+            raise Unavailable("the control plane is starting; retry shortly")
+        sandbox, host = await self._running(target.sandbox_id)
+        _check_traffic_token(headers, sandbox, target.port)
+        return target, host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
         try:
-            target = target_of(scope, self._domain)
-            if target is None:
-                raise NotFound(
-                    "no sandbox named: send E2b-Sandbox-Id (and E2b-Sandbox-Port) or use the "
-                    "Host {port}-{sandbox_id}.{domain}"
-                )
-            if not self._ctx.started.is_set():
-                raise Unavailable("the control plane is starting; retry shortly")
-            sandbox, host = await self._running(target.sandbox_id)
-            _check_traffic_token(scope, sandbox, target.port)
+            target, host = await self._admit(scope["headers"])
         except WrennError as err:
             await _refuse(scope, receive, send, err)
             return
@@ -177,6 +197,51 @@ class SandboxProxy:
             await _refuse(scope, receive, send, Internal("internal error"))
             return
         await self._forward(scope, receive, send, target, host)
+
+    async def route(
+        self, head: http1.RequestHead, client: str | None
+    ) -> http1.Forward | http1.Answer | None:
+        """The fast path on the proxy port: every request there is sandbox traffic."""
+        try:
+            target, host = await self._admit(head.headers)
+        except WrennError as err:
+            return http1.Answer.error(err)
+        except Exception:
+            # Request boundary: log once, answer 500 without detail.
+            _log.exception("proxy.crashed", path=head.path.decode("latin-1")[:200])
+            return http1.Answer.error(Internal("internal error"))
+        unreachable = _unreachable_message(target)
+        try:
+            origin = Origin.parse(host.address)
+        except ValueError:
+            return http1.Answer.error(BadGateway(f"{unreachable} (bad host address)"))
+        if origin.scheme != "http":
+            return None  # TLS to the host: the ASGI path's client speaks it
+        headers = _upstream_headers(head.headers, client)
+        headers.append((b"host", origin.authority))
+
+        def refuse(err: Exception) -> http1.Answer:
+            _log.warning("proxy.unreachable", sandbox_id=target.sandbox_id, host_id=host.id)
+            return http1.Answer.error(BadGateway(f"{unreachable} ({err})"))
+
+        return http1.Forward(
+            address=(origin.host, origin.port),
+            target=_upstream_target(target, head.target),
+            headers=headers,
+            pool=self._pool,
+            connect_timeout_s=self._connect_timeout_s,
+            unreachable=refuse,
+            log_name="proxy",
+            log_fields={"sandbox_id": target.sandbox_id},
+        )
+
+    async def route_api(
+        self, head: http1.RequestHead, client: str | None
+    ) -> http1.Forward | http1.Answer | None:
+        """The fast path on the API port: sandbox traffic only, the API gets the rest."""
+        if not self.handles(head.headers):
+            return None
+        return await self.route(head, client)
 
     # --- where the sandbox is ------------------------------------------------------------
 
@@ -242,27 +307,14 @@ class SandboxProxy:
     async def _forward(
         self, scope: Scope, receive: Receive, send: Send, target: Target, host: Host
     ) -> None:
-        headers = [
-            (k, v)
-            for k, v in scope["headers"]
-            if k not in _OWN_HEADERS and k not in relay.HOP_BY_HOP
-        ]
         client = scope.get("client")
-        if client:
-            headers.append((b"x-forwarded-for", str(client[0]).encode("latin-1")))
-        original_host = _header(scope, b"host")
-        if original_host is not None:
-            headers.append((b"x-forwarded-host", original_host))
+        headers = _upstream_headers(scope["headers"], str(client[0]) if client else None)
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         query: bytes = scope.get("query_string", b"")
-        path = b"/sandboxes/%s/port/%d%s" % (
-            target.sandbox_id.encode(),
-            target.port,
-            raw_path.split(b"?", 1)[0] or b"/",
+        path = _upstream_target(
+            target, raw_path.split(b"?", 1)[0] + (b"?" + query if query else b"")
         )
-        if query:
-            path += b"?" + query
-        unreachable = f"sandbox {target.sandbox_id!r} could not be reached through its host"
+        unreachable = _unreachable_message(target)
         try:
             origin = Origin.parse(host.address)
         except ValueError:
@@ -284,10 +336,38 @@ class SandboxProxy:
             await _refuse(scope, receive, send, err)
 
 
-def _check_traffic_token(scope: Scope, sandbox: Sandbox, port: int) -> None:
+def _unreachable_message(target: Target) -> str:
+    return f"sandbox {target.sandbox_id!r} could not be reached through its host"
+
+
+def _upstream_headers(headers: Headers, client: str | None) -> list[tuple[bytes, bytes]]:
+    """The request's end-to-end headers for the host agent, less the proxy's own, plus
+    where it came from."""
+    out = [(k, v) for k, v in headers if k not in _OWN_HEADERS and k not in http1.HOP_BY_HOP]
+    if client:
+        out.append((b"x-forwarded-for", client.encode("latin-1")))
+    original_host = _header(headers, b"host")
+    if original_host is not None:
+        out.append((b"x-forwarded-host", original_host))
+    return out
+
+
+def _upstream_target(target: Target, request_target: bytes) -> bytes:
+    """The forwarding path's request-target for a request-target sent to the proxy."""
+    path, sep, query = request_target.partition(b"?")
+    return b"/sandboxes/%s/port/%d%s%s%s" % (
+        target.sandbox_id.encode(),
+        target.port,
+        path or b"/",
+        sep,
+        query,
+    )
+
+
+def _check_traffic_token(headers: Headers, sandbox: Sandbox, port: int) -> None:
     if port == ENVD_PORT or sandbox.traffic_access_token is None:
         return
-    given = _header(scope, TRAFFIC_TOKEN_HEADER)
+    given = _header(headers, TRAFFIC_TOKEN_HEADER)
     if given is None:
         raise Unauthenticated(
             f"sandbox {sandbox.id!r} takes no public traffic: send its traffic access token "
@@ -324,7 +404,7 @@ class ProxyDispatch:
         self.proxy = proxy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] in ("http", "websocket") and self.proxy.handles(scope):
+        if scope["type"] in ("http", "websocket") and self.proxy.handles(scope["headers"]):
             await self.proxy(scope, receive, send)
         else:
             await self.app(scope, receive, send)

@@ -1,4 +1,5 @@
-"""Relaying one client request to an upstream URL and its answer back, as it flows.
+"""Relaying one client request to an upstream URL and its answer back, as it flows: the
+proxy's ASGI path (WebSockets, and requests its fast path leaves to it, see ``proxy``).
 
 HTTP (through ``upstream.UpstreamPool``): the request body goes up while the client sends it,
 the response comes down piece by piece as the upstream writes it (bytes as they arrive,
@@ -26,22 +27,10 @@ from wrenn.controlplane.errors import BadGateway
 from wrenn.controlplane.upstream import Origin, UpstreamError, UpstreamPool
 from wrenn.core import wspump
 from wrenn.core.errors import WrennError
+from wrenn.core.http1 import HOP_BY_HOP
 
 _log = log.get(__name__)
 
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
 #: A WebSocket's own handshake headers: made anew on the upstream connection.
 WS_HANDSHAKE = frozenset(
     {

@@ -1,5 +1,6 @@
-"""A small HTTP/1.1 client for the proxy's one job: send a request to a host agent and hand its
-response back as it arrives. Responses are parsed by ``httptools`` (llhttp) and read in large
+"""A small HTTP/1.1 client for the proxy's ASGI path (its fast path relays on its own, see
+``wrenn.core.http1``): send a request to a host agent and hand its response back as it
+arrives. Responses are parsed by ``httptools`` (llhttp) and read in large
 pieces; connections are kept alive per origin and reused.
 
 Why not httpx: relaying a 100 MB download through httpx's ``aiter_raw`` ran at about two

@@ -1,0 +1,295 @@
+"""One connected, non-blocking TCP socket driven directly by the running event loop: reads
+land in ``buffer``, writes go straight to the socket, and bodies move between two wires with
+``splice(2)`` through a pipe, so their bytes never enter this process.
+
+Why not asyncio streams or protocols: each piece read there becomes a new ``bytes`` object and
+is copied again into buffers on the way out; a relay only has to pass bytes on. Here the only
+bytes that reach Python are message heads, chunk sizes and whatever a read of a head brought
+along.
+
+Invariants:
+- at most one task reads a wire and at most one writes it at a time (a relay's two
+  directions use different sides);
+- a readiness callback is registered only while a task waits for it; ``close`` removes it
+  and fails the wait, so a wire can be closed at any moment (a pause ends the agent's
+  connections into a guest while relays still wait on them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import struct
+import threading
+
+#: One read of a head, a chunk size line or a small body.
+READ_BYTES = 256 * 1024
+#: Bodies (and chunks) at least this long are spliced; shorter ones are copied.
+SPLICE_MIN_BYTES = 64 * 1024
+_PIPE_BYTES = 1 << 20
+_SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+#: SO_LINGER on, 0 s: close() resets the connection.
+_RESET = struct.pack("ii", 1, 0)
+
+
+class Broken(Exception):
+    """I/O on ``wire`` failed: its peer reset or closed it, or it was closed here."""
+
+    def __init__(self, wire: Wire, message: str) -> None:
+        super().__init__(message)
+        self.wire = wire
+
+
+class Truncated(Broken):
+    """The peer closed its side before the message it was sending was complete."""
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class Wire:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        #: Bytes read and not consumed yet.
+        self.buffer = bytearray()
+        self.closed = False
+        self._loop = asyncio.get_running_loop()
+        self._waiting_read: asyncio.Future[None] | None = None
+        self._waiting_write: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"Wire(fd={self.fd}, buffered={len(self.buffer)}, closed={self.closed})"
+
+    async def readable(self) -> None:
+        """Wait until a read would not block. Raises ``Broken`` if the wire is closed."""
+        if self.closed:
+            raise Broken(self, "closed")
+        fut = self._waiting_read = self._loop.create_future()
+        self._loop.add_reader(self.fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            self._waiting_read = None
+            if not self.closed:
+                self._loop.remove_reader(self.fd)
+
+    async def writable(self) -> None:
+        """Wait until a write would not block. Raises ``Broken`` if the wire is closed."""
+        if self.closed:
+            raise Broken(self, "closed")
+        fut = self._waiting_write = self._loop.create_future()
+        self._loop.add_writer(self.fd, _wake, fut)
+        try:
+            await fut
+        finally:
+            self._waiting_write = None
+            if not self.closed:
+                self._loop.remove_writer(self.fd)
+
+    async def fill(self, max_bytes: int = READ_BYTES) -> int:
+        """Read once more into ``buffer`` (waiting for data); how much came, 0 at the end."""
+        start = len(self.buffer)
+        while True:
+            if self.closed:
+                raise Broken(self, "closed")
+            try:
+                data = self.sock.recv(max_bytes)
+            except BlockingIOError:
+                if len(self.buffer) > start:
+                    return len(self.buffer) - start  # ``feed`` brought some
+                await self.readable()
+                continue
+            except OSError as err:
+                raise Broken(self, f"read failed: {err.strerror}") from err
+            self.buffer += data
+            return len(self.buffer) - start if data else 0
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read elsewhere (by the transport this socket was taken from) and wake a
+        reader waiting for data."""
+        self.buffer += data
+        waiter = self._waiting_read
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def send(self, data: bytes | bytearray | memoryview) -> None:
+        """Write all of ``data`` (waiting while the socket's buffer is full)."""
+        view = memoryview(data)
+        while view:
+            if self.closed:
+                raise Broken(self, "closed")
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                await self.writable()
+                continue
+            except OSError as err:
+                raise Broken(self, f"write failed: {err.strerror}") from err
+            view = view[sent:]
+
+    async def send_buffered(self, dst: Wire, n: int) -> None:
+        """Pass the first ``n`` buffered bytes on to ``dst`` and drop them here."""
+        if n:
+            await dst.send(memoryview(self.buffer)[:n])
+            del self.buffer[:n]
+
+    def at_eof(self) -> bool:
+        """Whether the peer has closed its side or sent something unasked for (an idle
+        pooled connection is then no longer usable). Never waits."""
+        if self.closed or self.buffer:
+            return True
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)  # b"": closed; anything else: unasked for
+        except BlockingIOError:
+            return False
+        except OSError:
+            pass
+        return True
+
+    def close(self) -> None:
+        """Close the socket; a task waiting on it gets ``Broken``. Safe at any moment."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._waiting_read is not None:
+            self._loop.remove_reader(self.fd)
+            if not self._waiting_read.done():
+                self._waiting_read.set_exception(Broken(self, "closed"))
+        if self._waiting_write is not None:
+            self._loop.remove_writer(self.fd)
+            if not self._waiting_write.done():
+                self._waiting_write.set_exception(Broken(self, "closed"))
+        self.sock.close()
+
+    def abort(self) -> None:
+        """Close with a reset instead of an orderly end: the peer sees the message cut."""
+        if not self.closed:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            self.close()
+
+
+async def move(src: Wire, dst: Wire, n: int | None) -> None:
+    """Move ``n`` bytes of ``src`` (``None``: until it ends) to ``dst``: its buffer first,
+    then straight from socket to socket. Raises ``Truncated`` when ``src`` ends short."""
+    if n is None:
+        await src.send_buffered(dst, len(src.buffer))
+        await _pump(src, dst, None)
+        return
+    head = min(n, len(src.buffer))
+    await src.send_buffered(dst, head)
+    rest = n - head
+    if rest >= SPLICE_MIN_BYTES:
+        await _pump(src, dst, rest)
+    elif rest:
+        await _copy(src, dst, rest)
+
+
+async def _copy(src: Wire, dst: Wire, n: int) -> None:
+    while n:
+        if not src.buffer and not await src.fill(min(n, READ_BYTES)):
+            raise Truncated(src, f"ended {n} bytes short")
+        take = min(n, len(src.buffer))
+        await src.send_buffered(dst, take)
+        n -= take
+
+
+class _Pipes:
+    """Pipes for ``splice``, reused (only empty ones come back)."""
+
+    def __init__(self) -> None:
+        self._free: list[tuple[int, int]] = []
+        self._lock = threading.Lock()
+        self.usable = True
+
+    def take(self) -> tuple[int, int]:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        return r, w
+
+    def give(self, pipe: tuple[int, int], *, empty: bool) -> None:
+        with self._lock:
+            if empty and len(self._free) < 64:
+                self._free.append(pipe)
+                return
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+_pipes = _Pipes()
+
+
+async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
+    """Socket to socket through a pipe; ``n`` bytes, or until ``src`` ends when ``None``."""
+    if not _pipes.usable:
+        await _copy_until(src, dst, n)
+        return
+    pipe = _pipes.take()
+    queued = 0  # bytes in the pipe
+    remaining = n if n is not None else -1
+    ended = moved = False
+    try:
+        while remaining or queued:
+            if src.closed or dst.closed:
+                raise Broken(src if src.closed else dst, "closed")
+            progressed = False
+            if remaining and not ended and queued < _PIPE_BYTES:
+                room = _PIPE_BYTES - queued
+                want = room if remaining < 0 else min(remaining, room)
+                try:
+                    got = os.splice(src.fd, pipe[1], want, flags=_SPLICE)
+                except BlockingIOError:
+                    got = -1
+                except OSError as err:
+                    if err.errno != errno.EINVAL or moved:
+                        raise Broken(src, f"read failed: {err.strerror}") from err
+                    _pipes.usable = False  # no splice for these sockets: copy instead
+                    await _copy_until(src, dst, n)
+                    return
+                if got == 0:
+                    if remaining > 0:
+                        raise Truncated(src, f"ended {remaining} bytes short")
+                    ended, remaining = True, 0
+                elif got > 0:
+                    queued += got
+                    moved = True
+                    if remaining > 0:
+                        remaining -= got
+                    progressed = True
+            if queued:
+                try:
+                    put = os.splice(pipe[0], dst.fd, queued, flags=_SPLICE)
+                except BlockingIOError:
+                    put = 0
+                except OSError as err:
+                    raise Broken(dst, f"write failed: {err.strerror}") from err
+                if put:
+                    queued -= put
+                    progressed = True
+            if not progressed:
+                if queued:
+                    await dst.writable()
+                else:
+                    await src.readable()
+    finally:
+        _pipes.give(pipe, empty=queued == 0)
+
+
+async def _copy_until(src: Wire, dst: Wire, n: int | None) -> None:
+    if n is not None:
+        await _copy(src, dst, n)
+        return
+    while await src.fill():
+        await src.send_buffered(dst, len(src.buffer))
