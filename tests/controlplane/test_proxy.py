@@ -374,13 +374,14 @@ def test_client_leaving_ends_the_upstream_stream(proxied: Proxied) -> None:
 
 
 def _roundtrip(sock: socket.socket, request: bytes) -> tuple[bytes, bytes]:
-    """Send ``request`` and read one response with a Content-Length: (head, body)."""
+    """Send ``request`` and read one response framed by Content-Length (or without a body):
+    (head, body)."""
     sock.sendall(request)
     data = b""
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536) or _closed()
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(v for k, v in _head_fields(head) if k == b"content-length"))
+    length = int(next((v for k, v in _head_fields(head) if k == b"content-length"), b"0"))
     while len(body) < length:
         body += sock.recv(65536) or _closed()
     return head, body
@@ -500,3 +501,24 @@ def test_api_calls_and_sandbox_traffic_share_a_connection_on_the_api_port(
         # ...after which the connection belongs to the API's server, which still relays.
         assert c.post("/echo", content=b"four", headers=at_app).json()["size"] == 4
         assert c.get(f"/sandboxes/{sid}", headers=key).status_code == 200
+
+
+def test_heads_too_large_or_malformed_are_answered_as_uvicorn_answers_them(
+    proxied: Proxied,
+) -> None:
+    sid = proxied.create()["sandboxID"]
+    address = urlsplit(proxied.proxy_url)
+    large = b"x-large: " + b"a" * 100_000 + b"\r\n"
+    request = b"GET /health HTTP/1.1\r\nhost: x\r\ne2b-sandbox-id: %s\r\n%s\r\n" % (
+        sid.encode(),
+        large,
+    )
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        head, _ = _roundtrip(sock, request)
+        assert head.startswith(b"HTTP/1.1 204 "), head[:100]
+    with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nbad header: x\r\n\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer

@@ -9,8 +9,9 @@ Each request head on a connection is read here and shown to ``route``:
 - ``None``: the connection is handed to uvicorn's own protocol (httptools) with everything
   read so far, and serves the ASGI app from then on.
 
-WebSocket upgrades and HTTP/1.0 requests are always handed over, and so is every connection
-of an app without a route and every TLS connection. Between requests a connection is closed
+WebSocket upgrades, HTTP/1.0 requests and heads that are malformed or too large (uvicorn
+answers those as it always has) are always handed over, and so is every connection of an app
+without a route and every TLS connection. Between requests a connection is closed
 after uvicorn's keep-alive timeout; on shutdown an idle one at once, a busy one after its
 response (or when uvicorn's graceful timeout cancels it).
 
@@ -21,7 +22,9 @@ socket is driven directly (``wire.Wire``); a hand-over gives the transport back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import resource
 import socket
 import weakref
 from collections.abc import Awaitable, Callable
@@ -47,7 +50,6 @@ _log = log.get(__name__)
 Route = Callable[[RequestHead, str | None], Awaitable[Forward | Answer | None]]
 
 _HEAD_READ_BYTES = 64 * 1024
-_BAD_REQUEST = Answer(400, b"Invalid HTTP request received.", b"text/plain; charset=utf-8")
 
 
 class FastPathApp:
@@ -69,6 +71,23 @@ async def _ignore(scope: Scope, receive: Receive, send: Send) -> None:
 _trust: weakref.WeakKeyDictionary[Config, ProxyHeadersMiddleware] = weakref.WeakKeyDictionary()
 
 
+def _raise_fd_limit() -> None:
+    """A relayed connection holds three descriptors (the client's socket, its duplicate, the
+    upstream's) and a pipe while it splices: lift the soft limit to the hard one, once, so a
+    busy proxy does not run out at the default 1024."""
+    global _fd_limit_raised
+    if _fd_limit_raised:
+        return
+    _fd_limit_raised = True
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(OSError, ValueError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+_fd_limit_raised = False
+
+
 class FastPathProtocol(asyncio.Protocol):
     def __init__(
         self,
@@ -85,6 +104,8 @@ class FastPathProtocol(asyncio.Protocol):
         self.loop = _loop or asyncio.get_event_loop()
         app = config.app
         self.route: Route | None = app.route if isinstance(app, FastPathApp) else None
+        if self.route is not None:
+            _raise_fd_limit()
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
         self.early = bytearray()
@@ -159,18 +180,17 @@ class FastPathProtocol(asyncio.Protocol):
         try:
             client.buffer += self.early
             while not self.closing:
-                end = await self._next_head(client)
-                if end < 0:
-                    return
+                decision: Forward | Answer | None = None
                 try:
+                    end = await self._next_head(client)
+                    if end < 0:
+                        return
                     head = parse_request(client.buffer[:end])
-                except HeadError as err:
-                    reply = Answer(err.status, _BAD_REQUEST.body, _BAD_REQUEST.content_type)
-                    await answer(client, _closing_head(), reply, body="part")
-                    return
-                decision = None
-                if head.http_11 and not head.upgrade and head.target.startswith(b"/"):
-                    decision = await self._route(route, head, peer)
+                except HeadError:
+                    pass  # too large or malformed: uvicorn answers it as it always has
+                else:
+                    if head.http_11 and not head.upgrade and head.target.startswith(b"/"):
+                        decision = await self._route(route, head, peer)
                 if decision is None:
                     data = bytes(client.buffer)
                     client.close()
@@ -245,8 +265,3 @@ class FastPathProtocol(asyncio.Protocol):
 
 async def _nothing(*_: object) -> None:
     return None
-
-
-def _closing_head() -> RequestHead:
-    """Stands for a request too broken to parse: its answer closes the connection."""
-    return parse_request(b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n")

@@ -31,6 +31,8 @@ READ_BYTES = 256 * 1024
 #: Bodies (and chunks) at least this long are spliced; shorter ones are copied.
 SPLICE_MIN_BYTES = 64 * 1024
 _PIPE_BYTES = 1 << 20
+#: Empty pipes kept for the next splice (two descriptors each).
+_SPARE_PIPES = 16
 _SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 #: SO_LINGER on, 0 s: close() resets the connection.
 _RESET = struct.pack("ii", 1, 0)
@@ -221,7 +223,7 @@ class _Pipes:
 
     def give(self, pipe: tuple[int, int], *, empty: bool) -> None:
         with self._lock:
-            if empty and len(self._free) < 64:
+            if empty and len(self._free) < _SPARE_PIPES:
                 self._free.append(pipe)
                 return
         os.close(pipe[0])
