@@ -64,6 +64,10 @@ class LoopbackApp:
         if scope["path"] == "/stream":
             await self._stream(receive, send)
             return
+        if scope["path"] == "/early":  # answers without reading the body
+            await send({"type": "http.response.start", "status": 413, "headers": []})
+            await send({"type": "http.response.body", "body": b"too large"})
+            return
         if scope["path"].startswith("/status/"):
             status = int(scope["path"].rsplit("/", 1)[1])
             await send({"type": "http.response.start", "status": status, "headers": []})
@@ -522,3 +526,12 @@ def test_heads_too_large_or_malformed_are_answered_as_uvicorn_answers_them(
         while chunk := sock.recv(65536):
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 400 "), answer
+
+
+def test_an_answer_before_the_whole_upload_reaches_the_client(proxied: Proxied) -> None:
+    sid = proxied.create()["sandboxID"]
+    at_app = proxied.headers(sid, proxied.app_port)
+    with httpx.Client(base_url=proxied.proxy_url, headers=at_app, timeout=30) as c:
+        for body in (os.urandom(8 * 2**20), iter([os.urandom(2**20)] * 8)):
+            resp = c.post("/early", content=body)
+            assert (resp.status_code, resp.content) == (413, b"too large")

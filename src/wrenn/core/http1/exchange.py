@@ -291,6 +291,8 @@ class _Exchange:
                     err = body_task.exception()
                     if isinstance(err, Broken) and err.wire is self.client:
                         raise _ClientGone from err
+                    if err is not None and not isinstance(err, Broken):
+                        raise err
                     # Otherwise the upstream stopped taking the body: its answer, or its
                     # failure, comes through ``task``.
                     self.body_task = None

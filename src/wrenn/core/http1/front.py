@@ -50,6 +50,9 @@ _log = log.get(__name__)
 Route = Callable[[RequestHead, str | None], Awaitable[Forward | Answer | None]]
 
 _HEAD_READ_BYTES = 64 * 1024
+#: How long, and how much, a closing connection reads what its client still sends.
+_LINGER_S = 2.0
+_LINGER_BYTES = 64 * 2**20
 
 
 class FastPathApp:
@@ -61,6 +64,21 @@ class FastPathApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
+
+
+async def _linger(client: Wire) -> None:
+    """End our side, then read and drop what the client still sends until it closes (for a
+    while, up to a bound): closing with unread bytes would reset the connection and could
+    destroy the response before the client read it (a client still uploading a body the
+    upstream answered early)."""
+    with contextlib.suppress(OSError):
+        client.sock.shutdown(socket.SHUT_WR)
+    dropped = 0
+    with contextlib.suppress(TimeoutError, Broken):
+        async with asyncio.timeout(_LINGER_S):
+            while dropped < _LINGER_BYTES and await client.fill():
+                dropped += len(client.buffer)
+                client.buffer.clear()
 
 
 async def _ignore(scope: Scope, receive: Receive, send: Send) -> None:
@@ -204,7 +222,9 @@ class FastPathProtocol(asyncio.Protocol):
                 else:
                     keep = await forward(client, head, decision)
                 if not keep:
-                    return
+                    break
+            if not client.closed:
+                await _linger(client)
         except Broken:
             return
         except Exception:
