@@ -10,6 +10,7 @@ from e2b.api.client.models.sandbox_state import SandboxState
 
 from tests.controlplane.conftest import Stack, wait_for
 from tests.controlplane.fake_agent import FakeHostAgent
+from wrenn.controlplane.db.records import SandboxState as StoredState
 
 
 def three_hosts(make_stack: Any) -> Stack:
@@ -43,7 +44,18 @@ def test_expiry_pauses_with_auto_pause_and_connect_resumes(make_stack: Any) -> N
     def state() -> SandboxState:
         return SandboxDetail.from_dict(c.get(f"/sandboxes/{sid}").json()).state
 
-    wait_for(lambda: state() == SandboxState.PAUSED, "auto-pause")
+    def stored_state() -> StoredState | None:
+        async def read() -> StoredState | None:
+            async with stack.cp.db.transaction(read_only=True) as tx:
+                found = await tx.sandboxes.get(sid)
+            return found.state if found else None
+
+        return stack.run(read())
+
+    # The API shows "paused" from the moment pausing starts; connect answers 409 until the
+    # pause is done.
+    wait_for(lambda: stored_state() is StoredState.PAUSED, "auto-pause")
+    assert state() == SandboxState.PAUSED
     assert host.agent.paused() == [sid]
     assert not any(call[0] == "DestroySandbox" for call in host.agent.calls)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import sys
 from collections.abc import AsyncIterator, Sequence
 from importlib.resources.abc import Traversable
@@ -223,6 +224,16 @@ async def serve(app: FastAPI, settings: ControlPlaneSettings) -> bool:
     return bool(api.started)
 
 
+def settle_heap() -> None:
+    """Take what is alive at start (modules, the app, its routes and models: most of the heap)
+    out of the garbage collector's sight, so that its full collections walk only what came
+    after instead of all of it again each time (hundreds of milliseconds on a small busy
+    machine, in the middle of requests). For a process that serves one app until it ends:
+    cycles among these objects are never collected."""
+    gc.collect()
+    gc.freeze()
+
+
 def _commands(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="wrenn-cp", description="Wrenn control plane")
     commands = parser.add_subparsers(dest="command")
@@ -260,7 +271,9 @@ def run(
     log.configure(settings.log_level)
     try:
         # uvloop, as envd and the agent run: the API's request rate is bound by the loop.
-        started = uvloop.run(serve(build(settings, extensions), settings))
+        app = build(settings, extensions)
+        settle_heap()
+        started = uvloop.run(serve(app, settings))
     except KeyboardInterrupt:
         # uvicorn re-raises the SIGINT it shut down on once both servers have stopped: the
         # stop was clean and asked for, so it ends the process without a traceback.

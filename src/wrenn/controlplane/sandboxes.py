@@ -29,6 +29,7 @@ from wrenn.controlplane.db.records import (
     Page,
     Sandbox,
     SandboxState,
+    SandboxSummary,
     Snapshot,
     Template,
 )
@@ -141,9 +142,8 @@ class Sandboxes:
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         return sandbox
 
-    async def page(self, query: SandboxQuery) -> Page[Sandbox]:
-        async with self._db.transaction(read_only=True) as tx:
-            return await tx.sandboxes.page(query)
+    async def page(self, query: SandboxQuery) -> Page[SandboxSummary]:
+        return await self._db.reads.sandboxes(query)
 
     async def _agent(self, host_id: str | None, what: str) -> tuple[Host, AgentClient]:
         host = None

@@ -1,11 +1,12 @@
-"""What the repositories hand out: plain frozen dataclasses, never database rows."""
+"""What the repositories hand out: plain frozen dataclasses (named tuples where a listing makes
+hundreds at once), never database rows."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 
 class SandboxState(StrEnum):
@@ -146,6 +147,24 @@ class Sandbox:
     #: was created without public traffic; ``None``: its ports are public.
     traffic_access_token: str | None = None
     ended_at: datetime | None = None
+
+
+class SandboxSummary(NamedTuple):
+    """A sandbox as the listings show it: a tuple, since a page holds up to a thousand."""
+
+    id: str
+    template_id: str
+    alias: str | None
+    host_id: str | None
+    state: SandboxState
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    envd_version: str
+    started_at: datetime
+    end_at: datetime
+    #: The metadata as the text of a JSON object of strings, as stored.
+    metadata_json: str
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,26 @@
 """Sandboxes and their metadata. State changes are compare-and-set (``transition``), so two
-requests (or a request and the lifecycle worker) never both act on one sandbox."""
+requests (or a request and the lifecycle worker) never both act on one sandbox.
+
+A sandbox's metadata is written at insert and never changed after, twice: as one JSON object on
+the sandbox's row (``metadata_json``: what reads return, with the row) and as one row per key
+(``sandbox_metadata``: what the listing's metadata filters match, by index).
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import ColumnElement, Row, and_, exists, or_, select, update
+import orjson
+from sqlalchemy import Dialect, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from wrenn.controlplane.db.records import Page, Sandbox, SandboxState
-from wrenn.controlplane.db.tables import SandboxMetadataRow, SandboxRow
+from wrenn.controlplane.db.records import Page, Sandbox, SandboxState, SandboxSummary
+from wrenn.controlplane.db.tables import SandboxMetadataRow, SandboxRow, UtcDateTime
 from wrenn.core.errors import InvalidArgument
 
 #: Columns ``transition`` and ``update`` may set besides ``state``.
@@ -49,7 +55,7 @@ def decode_cursor(token: str) -> tuple[datetime, str]:
         raise InvalidArgument(f"invalid nextToken: {token!r}") from err
 
 
-def _sandbox(row: SandboxRow | Row[Any], metadata: dict[str, str]) -> Sandbox:
+def _sandbox(row: SandboxRow) -> Sandbox:
     return Sandbox(
         id=row.id,
         team_id=row.team_id,
@@ -70,7 +76,7 @@ def _sandbox(row: SandboxRow | Row[Any], metadata: dict[str, str]) -> Sandbox:
         started_at=row.started_at,
         end_at=row.end_at,
         created_at=row.created_at,
-        metadata=metadata,
+        metadata=orjson.loads(row.metadata_json),
         traffic_access_token=row.traffic_access_token,
         ended_at=row.ended_at,
     )
@@ -103,6 +109,7 @@ class SandboxRepository:
                 end_at=sandbox.end_at,
                 created_at=sandbox.created_at,
                 traffic_access_token=sandbox.traffic_access_token,
+                metadata_json=orjson.dumps(sandbox.metadata).decode(),
             )
         )
         await self._s.flush()  # the row first: metadata rows reference it
@@ -110,95 +117,17 @@ class SandboxRepository:
             self._s.add(SandboxMetadataRow(sandbox_id=sandbox.id, key=key, value=value))
         await self._s.flush()
 
-    async def _metadata(self, sandbox_ids: Iterable[str]) -> dict[str, dict[str, str]]:
-        wanted = list(sandbox_ids)
-        out: dict[str, dict[str, str]] = {sid: {} for sid in wanted}
-        if not wanted:
-            return out
-        # Plain rows, not ORM objects: listings read hundreds of them.
-        rows = await self._s.execute(
-            select(
-                SandboxMetadataRow.sandbox_id, SandboxMetadataRow.key, SandboxMetadataRow.value
-            ).where(SandboxMetadataRow.sandbox_id.in_(wanted))
-        )
-        for sandbox_id, key, value in rows:
-            out[sandbox_id][key] = value
-        return out
-
     async def get(self, sandbox_id: str) -> Sandbox | None:
         row = await self._s.get(SandboxRow, sandbox_id, populate_existing=True)
-        if row is None:
-            return None
-        return _sandbox(row, (await self._metadata([row.id]))[row.id])
+        return None if row is None else _sandbox(row)
 
     async def get_many(self, sandbox_ids: Collection[str]) -> dict[str, Sandbox]:
         """The sandboxes of these ids that exist, by id."""
         wanted = list(sandbox_ids)
         if not wanted:
             return {}
-        rows = list(await self._s.scalars(select(SandboxRow).where(SandboxRow.id.in_(wanted))))
-        return {s.id: s for s in await self._records(rows)}
-
-    async def _records(self, rows: Sequence[SandboxRow | Row[Any]]) -> list[Sandbox]:
-        metadata = await self._metadata(r.id for r in rows)
-        return [_sandbox(r, metadata[r.id]) for r in rows]
-
-    async def page(self, query: SandboxQuery) -> Page[Sandbox]:
-        conditions: list[ColumnElement[bool]] = [
-            SandboxRow.team_id == query.team_id,
-            SandboxRow.state.in_([s.value for s in query.states]),
-        ]
-        for key, value in query.metadata.items():
-            conditions.append(
-                exists().where(
-                    SandboxMetadataRow.sandbox_id == SandboxRow.id,
-                    SandboxMetadataRow.key == key,
-                    SandboxMetadataRow.value == value,
-                )
-            )
-        if query.template_id is not None:
-            conditions.append(
-                or_(
-                    SandboxRow.template_id == query.template_id,
-                    SandboxRow.alias == query.template_id,
-                )
-            )
-        if query.started_after is not None:
-            conditions.append(SandboxRow.started_at >= query.started_after)
-        if query.next_token:
-            at, last_id = decode_cursor(query.next_token)
-            if query.order == "asc":
-                conditions.append(
-                    or_(
-                        SandboxRow.started_at > at,
-                        and_(SandboxRow.started_at == at, SandboxRow.id > last_id),
-                    )
-                )
-            else:
-                conditions.append(
-                    or_(
-                        SandboxRow.started_at < at,
-                        and_(SandboxRow.started_at == at, SandboxRow.id < last_id),
-                    )
-                )
-        order = (
-            (SandboxRow.started_at.asc(), SandboxRow.id.asc())
-            if query.order == "asc"
-            else (SandboxRow.started_at.desc(), SandboxRow.id.desc())
-        )
-        # Plain rows, not ORM objects: a page is up to a thousand of them.
-        rows = list(
-            await self._s.execute(
-                select(SandboxRow.__table__)
-                .where(*conditions)
-                .order_by(*order)
-                .limit(query.limit + 1)
-            )
-        )
-        more = len(rows) > query.limit
-        rows = rows[: query.limit]
-        token = encode_cursor(rows[-1].started_at, rows[-1].id) if more and rows else None
-        return Page(items=await self._records(rows), next_token=token)
+        rows = await self._s.scalars(select(SandboxRow).where(SandboxRow.id.in_(wanted)))
+        return {row.id: _sandbox(row) for row in rows}
 
     async def transition(
         self,
@@ -238,23 +167,140 @@ class SandboxRepository:
 
     async def expired(self, now: datetime, limit: int = 100) -> list[Sandbox]:
         """Running sandboxes whose end time has passed, the longest overdue first."""
-        rows = list(
-            await self._s.scalars(
-                select(SandboxRow)
-                .where(SandboxRow.state == SandboxState.RUNNING.value, SandboxRow.end_at <= now)
-                .order_by(SandboxRow.end_at)
-                .limit(limit)
-            )
+        rows = await self._s.scalars(
+            select(SandboxRow)
+            .where(SandboxRow.state == SandboxState.RUNNING.value, SandboxRow.end_at <= now)
+            .order_by(SandboxRow.end_at)
+            .limit(limit)
         )
-        return await self._records(rows)
+        return [_sandbox(row) for row in rows]
 
     async def on_host(self, host_id: str, states: Collection[SandboxState]) -> list[Sandbox]:
-        rows = list(
-            await self._s.scalars(
-                select(SandboxRow).where(
-                    SandboxRow.host_id == host_id,
-                    SandboxRow.state.in_([s.value for s in states]),
-                )
+        rows = await self._s.scalars(
+            select(SandboxRow).where(
+                SandboxRow.host_id == host_id,
+                SandboxRow.state.in_([s.value for s in states]),
             )
         )
-        return await self._records(rows)
+        return [_sandbox(row) for row in rows]
+
+
+# --- the listing ------------------------------------------------------------------------
+#
+# The listing is the API's busiest read: one statement, written out here and run on the
+# driver's own connection in one call — on SQLite one trip to aiosqlite's thread instead of
+# four — with none of SQLAlchemy's per-row work. Bound times go through the column type
+# (``UtcDateTime``), so they compare with what it stored; read times are turned into aware UTC
+# datetimes here, as it would.
+
+#: What a listing reads of a sandbox, in the order of ``SandboxSummary``'s fields.
+_SUMMARY_SELECT = (
+    "SELECT s.id, s.template_id, s.alias, s.host_id, s.state, s.vcpus, s.memory_mib,"
+    " s.disk_mib, s.envd_version, s.started_at, s.end_at, s.metadata_json FROM sandboxes s"
+)
+_STATES = {state.value: state for state in SandboxState}
+
+
+def _sqlite_time(text: str) -> datetime:
+    # UtcDateTime stores naive UTC text on SQLite. Parsed with its zone in one step: a tenth
+    # of the cost of parsing, then replacing the zone, on a page's hundreds of times.
+    return datetime.fromisoformat(text + "+00:00")
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+class _Params:
+    """Bound values in order, each placeholder in the driver's style."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        if dialect.paramstyle not in ("qmark", "numeric_dollar"):
+            raise NotImplementedError(f"no listing for the {dialect.name} driver")
+        self._dialect = dialect
+        self._dollar = dialect.paramstyle == "numeric_dollar"
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}" if self._dollar else "?"
+
+    def time(self, value: datetime) -> str:
+        """A time as ``UtcDateTime`` binds it (so it compares with what it stored)."""
+        bind = _TIME.dialect_impl(self._dialect).bind_processor(self._dialect) or _same
+        return self(bind(value))
+
+
+_TIME = UtcDateTime()
+
+
+def _page_sql(query: SandboxQuery, p: _Params) -> str:
+    where = [
+        f"s.team_id = {p(query.team_id)}",
+        f"s.state IN ({', '.join(p(s.value) for s in sorted(query.states))})",
+    ]
+    for key, value in query.metadata.items():
+        where.append(
+            "EXISTS (SELECT 1 FROM sandbox_metadata m WHERE m.sandbox_id = s.id"
+            f" AND m.key = {p(key)} AND m.value = {p(value)})"
+        )
+    if query.template_id is not None:
+        where.append(
+            f"(s.template_id = {p(query.template_id)} OR s.alias = {p(query.template_id)})"
+        )
+    if query.started_after is not None:
+        where.append(f"s.started_at >= {p.time(query.started_after)}")
+    direction = "ASC" if query.order == "asc" else "DESC"
+    if query.next_token:
+        at, last_id = decode_cursor(query.next_token)
+        beyond = ">" if query.order == "asc" else "<"
+        where.append(
+            f"(s.started_at {beyond} {p.time(at)}"
+            f" OR (s.started_at = {p.time(at)} AND s.id {beyond} {p(last_id)}))"
+        )
+    return (
+        f"{_SUMMARY_SELECT} WHERE {' AND '.join(where)}"
+        f" ORDER BY s.started_at {direction}, s.id {direction} LIMIT {p(query.limit + 1)}"
+    )
+
+
+#: Runs one statement on the driver's connection: its rows.
+Fetch = Callable[[str, Sequence[Any]], Awaitable[Sequence[Sequence[Any]]]]
+
+
+async def sandbox_page(fetch: Fetch, dialect: Dialect, query: SandboxQuery) -> Page[SandboxSummary]:
+    """One page of a team's sandboxes, their metadata included, in one statement."""
+    if not query.states:
+        return Page(items=[], next_token=None)
+    params = _Params(dialect)
+    sql = _page_sql(query, params)
+    rows = await fetch(sql, params.values)
+    time = _sqlite_time if dialect.name == "sqlite" else _utc
+    # tuple.__new__ straight: the named tuple's own constructor is a Python function, which
+    # costs more than the rest of a row's making.
+    items = [
+        tuple.__new__(
+            SandboxSummary,
+            (
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                _STATES[r[4]],
+                r[5],
+                r[6],
+                r[7],
+                r[8],
+                time(r[9]),
+                time(r[10]),
+                r[11],
+            ),
+        )
+        for r in rows[: query.limit]
+    ]
+    last = items[-1] if len(rows) > query.limit and items else None
+    return Page(items=items, next_token=encode_cursor(last.started_at, last.id) if last else None)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, and_, delete, or_, select
+from typing import Any
+
+from sqlalchemy import ColumnElement, Row, and_, delete, or_, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from wrenn.controlplane.db.records import Page, Snapshot
 from wrenn.controlplane.db.sandboxes import decode_cursor, encode_cursor
@@ -12,7 +14,7 @@ from wrenn.controlplane.db.tables import SnapshotRow
 from wrenn.core.errors import AlreadyExists
 
 
-def _snapshot(row: SnapshotRow) -> Snapshot:
+def _snapshot(row: SnapshotRow | Row[Any]) -> Snapshot:
     return Snapshot(
         id=row.id,
         team_id=row.team_id,
@@ -69,40 +71,42 @@ class SnapshotRepository:
         )
         return row is not None
 
-    async def page(
-        self,
-        team_id: str,
-        *,
-        sandbox_id: str | None = None,
-        name: str | None = None,
-        limit: int = 100,
-        next_token: str | None = None,
-    ) -> Page[Snapshot]:
-        conditions: list[ColumnElement[bool]] = [SnapshotRow.team_id == team_id]
-        if sandbox_id is not None:
-            conditions.append(SnapshotRow.sandbox_id == sandbox_id)
-        if name is not None:
-            conditions.append(or_(SnapshotRow.name == name, SnapshotRow.id == name))
-        if next_token:
-            at, last_id = decode_cursor(next_token)
-            conditions.append(
-                or_(
-                    SnapshotRow.created_at > at,
-                    and_(SnapshotRow.created_at == at, SnapshotRow.id > last_id),
-                )
-            )
-        rows = list(
-            await self._s.scalars(
-                select(SnapshotRow)
-                .where(*conditions)
-                .order_by(SnapshotRow.created_at, SnapshotRow.id)
-                .limit(limit + 1)
-            )
-        )
-        more = len(rows) > limit
-        rows = rows[:limit]
-        token = encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None
-        return Page(items=[_snapshot(r) for r in rows], next_token=token)
-
     async def delete(self, snapshot_id: str) -> None:
         await self._s.execute(delete(SnapshotRow).where(SnapshotRow.id == snapshot_id))
+
+
+async def snapshot_page(
+    conn: AsyncConnection,
+    team_id: str,
+    *,
+    sandbox_id: str | None = None,
+    name: str | None = None,
+    limit: int = 100,
+    next_token: str | None = None,
+) -> Page[Snapshot]:
+    """One page of a team's snapshots, oldest first, in one statement."""
+    conditions: list[ColumnElement[bool]] = [SnapshotRow.team_id == team_id]
+    if sandbox_id is not None:
+        conditions.append(SnapshotRow.sandbox_id == sandbox_id)
+    if name is not None:
+        conditions.append(or_(SnapshotRow.name == name, SnapshotRow.id == name))
+    if next_token:
+        at, last_id = decode_cursor(next_token)
+        conditions.append(
+            or_(
+                SnapshotRow.created_at > at,
+                and_(SnapshotRow.created_at == at, SnapshotRow.id > last_id),
+            )
+        )
+    rows = (
+        await conn.execute(
+            select(SnapshotRow.__table__)
+            .where(*conditions)
+            .order_by(SnapshotRow.created_at, SnapshotRow.id)
+            .limit(limit + 1)
+        )
+    ).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    token = encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None
+    return Page(items=[_snapshot(r) for r in rows], next_token=token)

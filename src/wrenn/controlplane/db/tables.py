@@ -160,10 +160,15 @@ class SandboxRow(Base):
     ended_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     #: Required by the proxy on non-envd ports; NULL: the sandbox's ports are public.
     traffic_access_token: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    #: The metadata as one JSON object (text), written with the rows of ``sandbox_metadata``
+    #: and never changed after: listings read it with the sandbox instead of joining those rows
+    #: (which exist for the metadata filters).
+    metadata_json: Mapped[str] = mapped_column(Text, server_default="{}")
 
 
 class SandboxMetadataRow(Base):
-    """One row per metadata key, so filters are plain indexed SQL on every backend."""
+    """One row per metadata key, so filters are plain indexed SQL on every backend (the same
+    metadata as ``SandboxRow.metadata_json``)."""
 
     __tablename__ = "sandbox_metadata"
 

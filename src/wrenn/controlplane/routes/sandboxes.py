@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
+import orjson
 from fastapi import APIRouter, Query, Request, Response
-from pydantic import TypeAdapter
 
 from wrenn.controlplane.auth import CP, Team
 from wrenn.controlplane.context import ServerContext
-from wrenn.controlplane.db.records import Sandbox, SandboxState, Snapshot
+from wrenn.controlplane.db.records import Sandbox, SandboxState, SandboxSummary, Snapshot
 from wrenn.controlplane.db.sandboxes import SandboxQuery
 from wrenn.controlplane.idempotency import Idempotency, IdempotencyKey, Outcome, fingerprint
+from wrenn.controlplane.routes.snapshots import snapshot_page
 from wrenn.controlplane.sandboxes import CreateSpec
 from wrenn.controlplane.schemas import e2b
 from wrenn.core.errors import InvalidArgument
@@ -38,21 +40,60 @@ _API_STATE_OF: dict[SandboxState, e2b.SandboxState] = {
     state: api for api, states in _API_STATES.items() for state in states
 }
 
-#: Serialises a listing straight to JSON: the list routes return it as a ready ``Response``,
-#: which spares FastAPI validating every item again against ``response_model`` (kept on the
-#: route for the OpenAPI document).
-_LISTING = TypeAdapter(list[e2b.ListedSandbox])
+#: Each state's name in a listing.
+_API_STATE_NAME: dict[SandboxState, str] = {
+    state: _API_STATE_OF.get(state, e2b.SandboxState.RUNNING).value for state in SandboxState
+}
 
 
 def api_state(state: SandboxState) -> e2b.SandboxState:
     return _API_STATE_OF.get(state, e2b.SandboxState.RUNNING)
 
 
-def _listing(items: list[e2b.ListedSandbox], headers: dict[str, str] | None = None) -> Response:
+def _listing(items: Sequence[SandboxSummary], headers: dict[str, str] | None = None) -> Response:
+    """``list[e2b.ListedSandbox]`` as its JSON (by alias, no ``None``), made from the listing's
+    rows without a model per item; the list routes return it as a ready ``Response``
+    (``response_model`` stays on them for the OpenAPI document). The metadata goes out as the
+    JSON it is stored as; times are RFC 3339 in UTC with ``Z``, as pydantic writes them."""
+    out: list[dict[str, object]] = []
+    for s in items:
+        # One dict display per item (the cheapest way to make a dict), alias left out when
+        # the sandbox has none.
+        if s.alias is None:
+            out.append(
+                {
+                    "templateID": s.template_id,
+                    "sandboxID": s.id,
+                    "clientID": s.host_id or "",
+                    "startedAt": s.started_at,
+                    "endAt": s.end_at,
+                    "cpuCount": s.vcpus,
+                    "memoryMB": s.memory_mib,
+                    "diskSizeMB": s.disk_mib,
+                    "metadata": orjson.Fragment(s.metadata_json),
+                    "state": _API_STATE_NAME[s.state],
+                    "envdVersion": s.envd_version,
+                }
+            )
+        else:
+            out.append(
+                {
+                    "templateID": s.template_id,
+                    "alias": s.alias,
+                    "sandboxID": s.id,
+                    "clientID": s.host_id or "",
+                    "startedAt": s.started_at,
+                    "endAt": s.end_at,
+                    "cpuCount": s.vcpus,
+                    "memoryMB": s.memory_mib,
+                    "diskSizeMB": s.disk_mib,
+                    "metadata": orjson.Fragment(s.metadata_json),
+                    "state": _API_STATE_NAME[s.state],
+                    "envdVersion": s.envd_version,
+                }
+            )
     return Response(
-        _LISTING.dump_json(items, by_alias=True, exclude_none=True),
-        media_type="application/json",
-        headers=headers,
+        orjson.dumps(out, option=orjson.OPT_UTC_Z), media_type="application/json", headers=headers
     )
 
 
@@ -241,7 +282,7 @@ async def list_sandboxes_v1(
             limit=10_000,
         )
     )
-    return _listing([listed(s) for s in page.items])
+    return _listing(page.items)
 
 
 @router.get(
@@ -274,7 +315,7 @@ async def list_sandboxes(
         )
     )
     headers = {"x-next-token": page.next_token} if page.next_token else None
-    return _listing([listed(s) for s in page.items], headers)
+    return _listing(page.items, headers)
 
 
 @router.get("/sandboxes/{sandbox_id}", response_model_exclude_none=True)
@@ -411,12 +452,5 @@ async def list_snapshots(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     next_token: Annotated[str | None, Query(alias="nextToken", max_length=512)] = None,
 ) -> list[e2b.SnapshotInfo]:
-    async with cp.db.transaction() as tx:
-        page = await tx.snapshots.page(
-            who.team.id, sandbox_id=sandbox_id, name=name, limit=limit, next_token=next_token
-        )
-    if page.next_token:
-        response.headers["x-next-token"] = page.next_token
-    return [
-        e2b.SnapshotInfo(snapshot_id=s.id, names=[s.name] if s.name else []) for s in page.items
-    ]
+    page = await snapshot_page(cp, who, response, sandbox_id, name, limit, next_token)
+    return [snapshot_info(s) for s in page]

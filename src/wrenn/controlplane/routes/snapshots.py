@@ -7,7 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from wrenn.controlplane.auth import CP, Team
-from wrenn.controlplane.db.records import Snapshot
+from wrenn.controlplane.context import ServerContext
+from wrenn.controlplane.db.records import Principal, Snapshot
 from wrenn.controlplane.idempotency import Idempotency, IdempotencyKey, Outcome, fingerprint
 from wrenn.controlplane.schemas import wrenn as api
 
@@ -48,6 +49,26 @@ async def create_snapshot(
     )
 
 
+async def snapshot_page(
+    cp: ServerContext,
+    who: Principal,
+    response: Response,
+    sandbox_id: str | None,
+    name: str | None,
+    limit: int,
+    next_token: str | None,
+) -> list[Snapshot]:
+    """A page of the team's snapshots, oldest first (the sandbox's only, or those of ``name``
+    as name or id); ``x-next-token`` on ``response`` when more follow. Both listings use it:
+    this one and E2B's ``GET /snapshots``."""
+    page = await cp.db.reads.snapshots(
+        who.team.id, sandbox_id=sandbox_id, name=name, limit=limit, next_token=next_token
+    )
+    if page.next_token:
+        response.headers["x-next-token"] = page.next_token
+    return page.items
+
+
 @router.get("")
 async def list_snapshots(
     cp: CP,
@@ -58,13 +79,8 @@ async def list_snapshots(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     next_token: Annotated[str | None, Query(alias="nextToken", max_length=512)] = None,
 ) -> list[api.SnapshotOut]:
-    async with cp.db.transaction() as tx:
-        page = await tx.snapshots.page(
-            who.team.id, sandbox_id=sandbox_id, name=name, limit=limit, next_token=next_token
-        )
-    if page.next_token:
-        response.headers["x-next-token"] = page.next_token
-    return [snapshot_out(s) for s in page.items]
+    page = await snapshot_page(cp, who, response, sandbox_id, name, limit, next_token)
+    return [snapshot_out(s) for s in page]
 
 
 @router.get("/{snapshot_ref:path}")
