@@ -236,7 +236,7 @@ _pipes = _Pipes()
 async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
     """Socket to socket through a pipe; ``n`` bytes, or until ``src`` ends when ``None``."""
     if not _pipes.usable:
-        await _copy_until(src, dst, n)
+        await _copy_pump(src, dst, n)
         return
     pipe = _pipes.take()
     queued = 0  # bytes in the pipe
@@ -258,7 +258,7 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
                     if err.errno != errno.EINVAL or moved:
                         raise Broken(src, f"read failed: {err.strerror}") from err
                     _pipes.usable = False  # no splice for these sockets: copy instead
-                    await _copy_until(src, dst, n)
+                    await _copy_pump(src, dst, n)
                     return
                 if got == 0:
                     if remaining > 0:
@@ -289,9 +289,40 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
         _pipes.give(pipe, empty=queued == 0)
 
 
-async def _copy_until(src: Wire, dst: Wire, n: int | None) -> None:
-    if n is not None:
-        await _copy(src, dst, n)
-        return
-    while await src.fill():
-        await src.send_buffered(dst, len(src.buffer))
+#: The buffer of a copying pump.
+_COPY_BYTES = 1 << 20
+
+
+async def _copy_pump(src: Wire, dst: Wire, n: int | None) -> None:
+    """``_pump`` where splice is refused: through one buffer of this process, read as much as
+    is there, write it all, again."""
+    buffer = bytearray(_COPY_BYTES)
+    view = memoryview(buffer)
+    remaining = n if n is not None else -1
+    while remaining:
+        if src.closed or dst.closed:
+            raise Broken(src if src.closed else dst, "closed")
+        want = _COPY_BYTES if remaining < 0 else min(remaining, _COPY_BYTES)
+        try:
+            got = src.sock.recv_into(view[:want])
+        except BlockingIOError:
+            await src.readable()
+            continue
+        except OSError as err:
+            raise Broken(src, f"read failed: {err.strerror}") from err
+        if not got:
+            if remaining > 0:
+                raise Truncated(src, f"ended {remaining} bytes short")
+            return
+        if remaining > 0:
+            remaining -= got
+        out = view[:got]
+        while out:
+            try:
+                sent = dst.sock.send(out)
+            except BlockingIOError:
+                await dst.writable()
+                continue
+            except OSError as err:
+                raise Broken(dst, f"write failed: {err.strerror}") from err
+            out = out[sent:]
