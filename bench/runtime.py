@@ -13,7 +13,8 @@ What each row measures (a real ``wrenn-agent`` process on a scratch state direct
   state into a namespace with a tap, until envd answers /health — the floor under "create".
 - pause / resume: PauseSandbox (prepare, snapshot, memory diff stored, VM freed) and
   ResumeSandbox (materialise, restore, /init).
-- RSS per idle sandbox: resident memory of a sandbox's QEMU process, 5 s after its creation.
+- RSS per idle sandbox: resident memory of a sandbox's QEMU process, 5 s after its creation
+  (with its PSS, and the page cache its memory image holds, which RSS does not count).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,9 +119,15 @@ async def reflink(src: Path, dest: Path) -> None:
         raise RuntimeError(f"cannot reflink {src}")
 
 
-def build_bytes(home: AgentHome, build_id: str) -> dict[str, int]:
-    """Bytes of each file a build stores (from its manifest)."""
-    manifest = json.loads((home.state_dir / "snapshots" / build_id / "manifest.json").read_text())
+async def build_bytes(home: AgentHome, build_id: str) -> dict[str, int]:
+    """Bytes of each file a build stores (from its manifest, written once the pause's
+    background store has finished)."""
+    path = home.state_dir / "snapshots" / build_id / "manifest.json"
+    for _ in range(1200):
+        if path.exists():
+            break
+        await asyncio.sleep(0.05)
+    manifest = json.loads(path.read_text())
     return {name: int(f["size_bytes"]) for name, f in manifest["files"].items()}
 
 
@@ -132,11 +140,28 @@ def log_events(agent: Agent) -> list[dict[str, Any]]:
     return events
 
 
-def vmm_rss_bytes(home: AgentHome) -> list[int]:
+def vmm_memory(home: AgentHome) -> list[tuple[int, int]]:
+    """(RSS, PSS) of every sandbox's VMM process."""
     out = []
     for pid in leftovers.vmm_processes(home.state_dir / "run"):
         with contextlib.suppress(psutil.NoSuchProcess):
-            out.append(psutil.Process(pid).memory_info().rss)
+            full = psutil.Process(pid).memory_full_info()
+            out.append((full.rss, full.pss))
+    return out
+
+
+def cached_bytes(paths: list[Path]) -> list[int]:
+    """Bytes of each file in the page cache (util-linux ``fincore``)."""
+    out = []
+    for path in paths:
+        done = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        with contextlib.suppress(ValueError):
+            out.append(int(done.stdout.strip()))
     return out
 
 
@@ -167,7 +192,7 @@ async def bench(image: GuestImage, runs: int) -> None:
                 t0 = time.perf_counter()
                 paused = await client.pause_sandbox(pb.PauseSandboxRequest(sandbox_id="p"))
                 pauses.append(time.perf_counter() - t0)
-                build_sizes.append(build_bytes(home, paused.build_id))
+                build_sizes.append(await build_bytes(home, paused.build_id))
                 t0 = time.perf_counter()
                 await client.resume_sandbox(pb.ResumeSandboxRequest(sandbox_id="p"))
                 resumes.append(time.perf_counter() - t0)
@@ -177,7 +202,11 @@ async def bench(image: GuestImage, runs: int) -> None:
             for sandbox_id in idle:
                 await create(client, sandbox_id)
             await asyncio.sleep(5)
-            rss = vmm_rss_bytes(home)
+            vmm_mem = vmm_memory(home)
+            rss = [r for r, _ in vmm_mem]
+            pss = [p for _, p in vmm_mem]
+            images = sorted((home.state_dir / "disks" / "sandboxes").glob("*.mem.img"))
+            cached = cached_bytes(images)
             reported = [
                 (await client.get_sandbox_metrics(pb.GetSandboxMetricsRequest(sandbox_id=s)))
                 for s in idle
@@ -232,6 +261,14 @@ async def bench(image: GuestImage, runs: int) -> None:
                 ["guest memory per sandbox", f"{template.memory_mib} MiB"],
                 [f"QEMU RSS per idle sandbox ({len(rss)} running)", f"{per_sandbox:.0f} MiB"],
                 ["same, as GetSandboxMetrics reports it", f"{metric:.0f} MiB"],
+                [
+                    "QEMU PSS per idle sandbox (shared pages split between them)",
+                    f"{sum(pss) / max(len(pss), 1) / mib:.0f} MiB",
+                ],
+                [
+                    "page cache of each sandbox's memory image (not in RSS)",
+                    f"{sum(cached) / max(len(cached), 1) / mib:.0f} MiB",
+                ],
                 ["agent RSS", f"{agent_rss / mib:.0f} MiB"],
                 [
                     "pause build on disk: memory diff + VM state (p50)",

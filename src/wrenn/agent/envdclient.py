@@ -42,6 +42,12 @@ def _tls() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+def never_sent(err: BaseException) -> bool:
+    """Whether a failed call's request never reached envd (no connection was made), so it
+    can be sent again whatever it does."""
+    return isinstance(err.__cause__, httpx.ConnectError | httpx.ConnectTimeout)
+
+
 class EnvdClient:
     def __init__(self, base_url: str, access_token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import time
@@ -443,13 +444,12 @@ class Manager:
                     shape=self._shape_of(sandbox.record, disk),
                     source=FromBuild(source.build_id),
                     envd_access_token=source.envd_access_token,
+                    first_call=functools.partial(self._init, sandbox.record),
                     steps=steps,
                 )
                 sandbox.instance = vm
                 sandbox.parent_build = source.build_id
                 await self.guest_logs.attach(params.sandbox_id, console_path(vm.vmm), sandbox.stack)
-                await self._init(sandbox.record, vm.envd)
-                steps.mark("init")
                 sandbox.state = SandboxState.RUNNING
             except BaseException:
                 await finish(sandbox.stack.aclose())
@@ -574,26 +574,26 @@ class Manager:
             sandbox.state = SandboxState.STARTING
             steps = Steps()
             try:
-                resumed = record.model_copy(update={"allow_internet_access": allow_internet_access})
+                resumed = record.model_copy(
+                    update={
+                        "allow_internet_access": allow_internet_access,
+                        "build_id": None,
+                        "envd_access_token": envd_access_token or record.envd_access_token,
+                    }
+                )
                 vm = await instance.start(
                     host,
                     name=sandbox_id,
                     shape=self._shape_of(resumed, self.disks.disk_path(record.disk_id)),
                     source=FromBuild(build_id),
                     envd_access_token=record.envd_access_token,
+                    first_call=functools.partial(self._init, resumed),
                     steps=steps,
                 )
                 sandbox.instance = vm
                 sandbox.parent_build = build_id
                 await self.guest_logs.attach(sandbox_id, console_path(vm.vmm), sandbox.stack)
-                sandbox.record = resumed.model_copy(
-                    update={
-                        "build_id": None,
-                        "envd_access_token": envd_access_token or record.envd_access_token,
-                    }
-                )
-                await self._init(sandbox.record, vm.envd)
-                steps.mark("init")
+                sandbox.record = resumed
             except BaseException:
                 await finish(sandbox.stop_instance())
                 sandbox.record = record
