@@ -535,3 +535,26 @@ def test_an_answer_before_the_whole_upload_reaches_the_client(proxied: Proxied) 
         for body in (os.urandom(8 * 2**20), iter([os.urandom(2**20)] * 8)):
             resp = c.post("/early", content=body)
             assert (resp.status_code, resp.content) == (413, b"too large")
+
+
+def test_a_pause_ends_the_guest_connections_and_the_next_requests_work(proxied: Proxied) -> None:
+    """A pause closes the agent's connections into the guest, idle or busy (as the agent does
+    through GuestConnections): an open stream ends for its client instead of hanging, and the
+    next requests, on kept-alive client connections too, go through at once."""
+    sid = proxied.create()["sandboxID"]
+    at_app = proxied.headers(sid, proxied.app_port)
+    with httpx.Client(base_url=proxied.proxy_url, headers=at_app, timeout=30) as keep:
+        with httpx.stream("GET", f"{proxied.proxy_url}/stream", headers=at_app, timeout=30) as resp:
+            lines = resp.iter_lines()
+            assert next(lines) == "tick"
+            assert keep.get("/echo").status_code == 200  # an idle connection into the guest
+            connections = proxied.forward.connections[sid]
+            closed = proxied.stack.run(connections.close_all("sandbox pausing"))
+            assert closed == 2  # the stream's and the idle one
+            with pytest.raises(httpx.HTTPError):
+                for _ in lines:
+                    pass
+        wait_for(proxied.app.stream_ended.is_set, "the guest's stream to end")
+        for _ in range(3):
+            assert keep.get("/echo").status_code == 200
+        assert httpx.get(f"{proxied.proxy_url}/echo", headers=at_app).status_code == 200

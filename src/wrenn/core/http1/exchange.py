@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal, TypeVar
@@ -142,6 +142,12 @@ class _Retry(Exception):
 
 
 class _Exchange:
+    """One relayed request, awaited step by step in the task that serves the connection.
+    What may happen meanwhile (the client leaving, the request body's relay failing on the
+    client's side) interrupts the step in progress: ``_guard`` turns that cancellation into
+    the interruption's exception. No task is spawned except for a request body that streams
+    while the response is awaited."""
+
     def __init__(self, client: Wire, head: RequestHead, fwd: Forward) -> None:
         self.client, self.head, self.fwd = client, head, fwd
         headers = [(k, v) for k, v in fwd.headers if k not in _NOT_FORWARDED]
@@ -159,21 +165,91 @@ class _Exchange:
         self.body_done = self.replayable
         self.body_started = self.replayable
         self.body_task: asyncio.Task[None] | None = None
-        self.tasks: list[asyncio.Task[Any]] = []
-
-    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
-        task = asyncio.ensure_future(coro)
-        self.tasks.append(task)
-        return task
+        self.task: asyncio.Task[Any] | None = None
+        #: Why the step in progress is (to be) interrupted.
+        self.interruption: BaseException | None = None
+        self.guarded = False
+        self.watching = False
 
     async def run(self) -> bool:
+        self.task = asyncio.current_task()
         try:
             return await self._run()
         finally:
-            # Every wait ends before a wire closes (a closed fd's number is soon reused).
-            for task in self.tasks:
-                task.cancel()
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+            self._unwatch()
+            await self._stop_body()
+
+    # --- interruptions -------------------------------------------------------------------
+
+    def _interrupt(self, why: BaseException) -> None:
+        if self.interruption is not None:
+            return
+        self.interruption = why
+        if self.guarded and self.task is not None:
+            self.task.cancel()
+
+    async def _guard(self, step: Awaitable[T]) -> T:
+        """Await ``step``, unless or until an interruption comes: then raise it."""
+        if self.interruption is not None:
+            if isinstance(step, Coroutine):
+                step.close()
+            raise self.interruption
+        self.guarded = True
+        try:
+            return await step
+        except asyncio.CancelledError:
+            why = self.interruption
+            if why is None:
+                raise
+            assert self.task is not None
+            self.task.uncancel()
+            raise why from None
+        finally:
+            self.guarded = False
+
+    def _watch(self) -> None:
+        """Once the client has sent all it had to, a read becoming possible means it left
+        (or pipelines its next request: then stop watching)."""
+        if not self.watching and self.interruption is None:
+            self.watching = True
+            self.client.watch(self._client_readable)
+
+    def _unwatch(self) -> None:
+        if self.watching:
+            self.watching = False
+            self.client.watch(None)
+
+    def _client_readable(self) -> None:
+        try:
+            gone = self.client.sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return
+        except OSError:
+            gone = True
+        self._unwatch()
+        if gone:
+            self._interrupt(_ClientGone())
+
+    def _body_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        err = task.exception()
+        if err is None:
+            self._watch()
+        elif isinstance(err, Broken) and err.wire is self.client:
+            self._interrupt(_ClientGone())
+        elif not isinstance(err, Broken):
+            self._interrupt(err)
+        # Else the upstream stopped taking the body: its answer, or its failure, comes
+        # through the step in progress.
+
+    async def _stop_body(self) -> None:
+        task, self.body_task = self.body_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # --- the exchange ---------------------------------------------------------------------
 
     async def _run(self) -> bool:
         fwd = self.fwd
@@ -196,15 +272,10 @@ class _Exchange:
                 return False
             except UpstreamFailed as err:
                 conn.abort()
+                self._unwatch()
                 await self._stop_body()
                 return await self._refuse(fwd.unreachable(err))
             return await self._respond(conn, response)
-
-    async def _stop_body(self) -> None:
-        task, self.body_task = self.body_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     async def _refuse(self, reply: Answer) -> bool:
         state: Literal["read", "unread", "part"] = (
@@ -215,20 +286,22 @@ class _Exchange:
     async def _send(self, conn: Upstream) -> ResponseHead:
         """Send the request; the response head once it came back."""
         try:
+            await self._guard(conn.send(self.request))
             if self.replayable:
-                await conn.send(self.request)
-                return await self._until(self.spawn(_read_head(conn, self.head.method)))
-            await conn.send(self.request)
-            if self.head.expects_continue:
-                await self.client.send(CONTINUE)
-            self.body_started = True
-            self.body_task = self.spawn(self._body(conn))
-            return await self._until(self.spawn(_read_head(conn, self.head.method)))
+                self._watch()
+            else:
+                if self.head.expects_continue:
+                    await self._guard(self.client.send(CONTINUE))
+                self.body_started = True
+                self.body_task = asyncio.ensure_future(self._body(conn))
+                self.body_task.add_done_callback(self._body_ended)
+            return await self._guard(_read_head(conn, self.head.method))
         except Broken as err:
             if err.wire is self.client:
                 raise _ClientGone from err
             conn.abort()
             if self.replayable and conn.reused and not conn.buffer:
+                self._unwatch()
                 raise _Retry from err  # a keep-alive connection the upstream had closed
             raise UpstreamFailed(f"connection lost: {err}") from err
         except HeadError as err:
@@ -246,10 +319,8 @@ class _Exchange:
             extra += b"connection: close\r\n"
         try:
             out = render_response(response.status, response.reason, headers, extra)
-            await self.client.send(out)
-            await self._until(
-                self.spawn(relay_body(conn, self.client, response.framing, response.length))
-            )
+            await self._guard(self.client.send(out))
+            await self._guard(relay_body(conn, self.client, response.framing, response.length))
         except (Broken, _ClientGone) as err:
             conn.abort()
             if isinstance(err, Broken) and err.wire is conn:
@@ -269,59 +340,6 @@ class _Exchange:
         else:
             conn.close()
         return client_keep and self.body_done
-
-    async def _until(self, task: asyncio.Task[T]) -> T:
-        """``task``'s result, while the request body keeps going up and, once it is all
-        sent, the client is watched: raises ``_ClientGone`` when it leaves."""
-        watch: asyncio.Task[bool] | None = None
-        watched = False
-        try:
-            while True:
-                waiting: set[asyncio.Future[Any]] = {task}
-                body_task = self.body_task
-                if body_task is not None and not body_task.done():
-                    waiting.add(body_task)
-                elif self.body_done and not watched:
-                    watch = watch or self.spawn(_gone(self.client))
-                    waiting.add(watch)
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                if task.done():
-                    return task.result()
-                if body_task is not None and body_task in waiting and body_task.done():
-                    err = body_task.exception()
-                    if isinstance(err, Broken) and err.wire is self.client:
-                        raise _ClientGone from err
-                    if err is not None and not isinstance(err, Broken):
-                        raise err
-                    # Otherwise the upstream stopped taking the body: its answer, or its
-                    # failure, comes through ``task``.
-                    self.body_task = None
-                if watch is not None and watch.done():
-                    if watch.result():
-                        raise _ClientGone
-                    watched = True  # the client sent more (pipelining): stop watching
-        finally:
-            if watch is not None and not watch.done():
-                watch.cancel()
-                await asyncio.gather(watch, return_exceptions=True)
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
-
-async def _gone(client: Wire) -> bool:
-    """Wait until the client closes its side (True) or sends more (False)."""
-    while True:
-        try:
-            await client.readable()
-        except Broken:
-            return True
-        try:
-            return client.sock.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            continue
-        except OSError:
-            return True
 
 
 async def _read_head(conn: Upstream, method: bytes) -> ResponseHead:

@@ -25,6 +25,7 @@ import os
 import socket
 import struct
 import threading
+from collections.abc import Callable
 
 #: One read of a head, a chunk size line or a small body.
 READ_BYTES = 256 * 1024
@@ -66,14 +67,29 @@ class Wire:
         self._loop = asyncio.get_running_loop()
         self._waiting_read: asyncio.Future[None] | None = None
         self._waiting_write: asyncio.Future[None] | None = None
+        self._watched = False
 
     def __repr__(self) -> str:
         return f"Wire(fd={self.fd}, buffered={len(self.buffer)}, closed={self.closed})"
+
+    def watch(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` whenever a read would not block, until ``watch(None)`` or the
+        wire closes; not while a task reads it."""
+        if self.closed:
+            return
+        if self._watched:
+            self._loop.remove_reader(self.fd)
+            self._watched = False
+        if callback is not None:
+            assert self._waiting_read is None
+            self._loop.add_reader(self.fd, callback)
+            self._watched = True
 
     async def readable(self) -> None:
         """Wait until a read would not block. Raises ``Broken`` if the wire is closed."""
         if self.closed:
             raise Broken(self, "closed")
+        assert not self._watched
         fut = self._waiting_read = self._loop.create_future()
         self._loop.add_reader(self.fd, _wake, fut)
         try:
@@ -161,6 +177,9 @@ class Wire:
         if self.closed:
             return
         self.closed = True
+        if self._watched:
+            self._loop.remove_reader(self.fd)
+            self._watched = False
         if self._waiting_read is not None:
             self._loop.remove_reader(self.fd)
             if not self._waiting_read.done():
