@@ -207,6 +207,10 @@ async def _wait_envd(
         await asyncio.sleep(0.05 if first_call is None else 0.01)
 
 
+async def _settle(task: asyncio.Task[int]) -> None:
+    await asyncio.wait([task])
+
+
 async def start(
     host: HostResources,
     *,
@@ -254,8 +258,10 @@ async def start(
             memfile = await host.memory.copy_for(source.build_id, memory.vm)
             stack.push_async_callback(memory.release)
             steps.mark("memory")
-            if await host.working_sets.prefetch(source.build_id, memfile):
-                steps.mark("prefetch")
+            # Read ahead while QEMU starts (asking can block for a while when the device is
+            # busy); waited for before the copy can be deleted.
+            prefetch = asyncio.create_task(host.working_sets.prefetch(source.build_id, memfile))
+            stack.push_async_callback(_settle, prefetch)
         vmm = runtime.vmm(config)
         stack.push_async_callback(vmm.stop)
         if isinstance(source, ColdBoot):
