@@ -4,7 +4,7 @@ Must be called while the VM still runs, right before the pause. Stops everything
 continuously (a task frozen mid-operation resumes confused), collects garbage (fewer dirty pages
 in the memory snapshot), flushes filesystems (files written just before the pause must survive),
 and quiesces client connections (see ``conntrack``). Idempotent; /init after the restore undoes
-it.
+it. The response's ``Server-Timing`` header says how long each part took.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import time
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -25,15 +26,32 @@ if TYPE_CHECKING:
 _log = log.get(__name__)
 
 
-async def quiesce(envd: Envd) -> None:
+async def quiesce(envd: Envd) -> dict[str, float]:
+    """Quiesce; how long each part took, in ms."""
+    ms: dict[str, float] = {}
+    last = time.perf_counter()
+
+    def mark(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        ms[name] = round((now - last) * 1000, 1)
+        last = now
+
     envd.conns.set_keep_alive(False)
-    await envd.ports.stop()
-    collected = gc.collect()
-    await asyncio.to_thread(os.sync)
+    collected = 0
+    if not gc.get_freeze_count():
+        collected = gc.collect()
+        gc.freeze()
+    mark("gc")
+    await asyncio.gather(asyncio.to_thread(os.sync), envd.ports.stop())
+    mark("sync")
     closed = envd.conns.prepare_snapshot()
-    _log.info("snapshot.prepared", gc_collected=collected, conns_closed=closed)
+    mark("conns")
+    _log.info("snapshot.prepared", gc_collected=collected, conns_closed=closed, ms=ms)
+    return ms
 
 
 async def prepare(request: Request) -> Response:
-    await quiesce(request.app.state.envd)
-    return Response(status_code=204, headers={"Cache-Control": "no-store"})
+    ms = await quiesce(request.app.state.envd)
+    timing = ", ".join(f"{name};dur={value}" for name, value in ms.items())
+    return Response(status_code=204, headers={"Cache-Control": "no-store", "Server-Timing": timing})
