@@ -195,6 +195,19 @@ class DiskStore:
         if dest.exists():
             raise AlreadyExists(f"template {template_id} already exists")
 
+    async def adopt(self, disk_id: str, template_id: str) -> Path:
+        """Make sandbox disk ``disk_id`` template ``template_id`` as well: the same file under a
+        second name (a hard link: no copy, nothing written back). Only for a disk nothing
+        writes any more; deleting the disk leaves the template."""
+        self._require_open()
+        src = self.disk_path(disk_id)
+        dest = self.template_path(template_id)
+        try:
+            await asyncio.to_thread(self._publish, src, dest, f"template {template_id}")
+        except FileNotFoundError as err:
+            raise NotFound(f"disk {disk_id} not found") from err
+        return dest
+
     def templates(self) -> list[str]:
         """Ids of every template in the store."""
         self._require_open()
