@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from wrenn.agent.snapshots import DeviceInput, LocalSnapshotStore
+from wrenn.agent.snapshots.held import boot_id
 from wrenn.core.errors import AlreadyExists, Corrupted, FailedPrecondition, NotFound
 
 PAGE = 4096
@@ -222,3 +223,86 @@ async def test_a_sparse_diff_file_needs_only_its_dirty_pages(
     with await store.open_device(child, "memfile") as reader:
         assert reader.read(0, len(memory)) == bytes(memory)
     assert (store.root / str(child) / "memfile").stat().st_size == 3 * PAGE
+
+
+async def test_a_held_build_serves_its_state_then_is_stored_from_it(
+    store: LocalSnapshotStore, tmp_path: Path
+) -> None:
+    """A pause holds the device state at once and stores the memory later: until then the
+    state is served from the hold; ``complete`` stores the build with it; the hold stays (a
+    path handed out stays valid) until the next sweep."""
+    memory = _memory(9)
+    mem, state = tmp_path / "mem", tmp_path / "state"
+    mem.write_bytes(memory)
+    parent = uuid4()
+    await store.create(parent, devices={"memfile": DeviceInput(mem)})
+    memory[4 * PAGE : 6 * PAGE] = b"h" * 2 * PAGE
+    mem.write_bytes(memory)
+    state.write_bytes(b"held-state")
+    build = uuid4()
+    held = await store.hold(build, parent=parent, files={"state": state})
+    state.write_bytes(b"changed afterwards")
+    assert held.this_boot and held.parent_id == parent
+    assert [h.build_id for h in await store.held()] == [build]
+    assert await store.builds() == [parent]
+    served = await LocalSnapshotStore(store.root).file(build, "state")
+    assert served.read_bytes() == b"held-state"
+    with pytest.raises(AlreadyExists):
+        await store.hold(build, parent=parent, files={"state": state})
+    with pytest.raises(AlreadyExists):
+        await store.create(build, devices={"memfile": DeviceInput(mem)})
+
+    manifest = await store.complete(build, devices={"memfile": DeviceInput(mem)})
+    assert manifest.parent_id == parent
+    assert manifest.devices["memfile"].stored_bytes == 2 * PAGE
+    assert await store.complete(build, devices={"memfile": DeviceInput(mem)}) == manifest
+    assert await store.held() == []
+    assert served.read_bytes() == b"held-state"
+    assert (await store.file(build, "state")).read_bytes() == b"held-state"
+    with await store.open_device(build, "memfile") as reader:
+        assert reader.read(0, len(memory)) == bytes(memory)
+    assert await store.sweep() == 1
+    assert not served.exists()
+    assert (await LocalSnapshotStore(store.root).file(build, "state")).read_bytes() == (
+        b"held-state"
+    )
+
+
+async def test_held_files_are_checked_and_a_hold_can_be_released(
+    store: LocalSnapshotStore, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    state.write_bytes(b"vm-state")
+    build = uuid4()
+    await store.hold(build, parent=None, files={"state": state})
+    held_state = store.root / ".held" / str(build) / "state"
+    held_state.write_bytes(b"vm-statX")
+    with pytest.raises(Corrupted, match=f"{build}: state fails its sha256 check"):
+        await LocalSnapshotStore(store.root).file(build, "state")
+    await store.release(build)
+    assert await store.held() == []
+    with pytest.raises(NotFound):
+        await store.file(build, "state")
+    with pytest.raises(NotFound):
+        await store.complete(build, devices={})
+
+
+async def test_a_hold_records_its_boot_and_deleting_the_build_removes_it(
+    store: LocalSnapshotStore, tmp_path: Path
+) -> None:
+    """Held files are not fsynced: a hold from an earlier boot of the host is marked as such.
+    (The boot id is rewritten in the record, standing in for a host restart.)"""
+    state, mem = tmp_path / "state", tmp_path / "mem"
+    state.write_bytes(b"s")
+    mem.write_bytes(_memory(10))
+    build, other = uuid4(), uuid4()
+    await store.hold(build, parent=None, files={"state": state})
+    await store.hold(other, parent=None, files={"state": state})
+    record = store.root / ".held" / str(other) / "held.json"
+    record.write_text(record.read_text().replace(boot_id(), "an-earlier-boot"))
+    assert {h.build_id: h.this_boot for h in await store.held()} == {build: True, other: False}
+    await store.complete(build, devices={"memfile": DeviceInput(mem)})
+    await store.delete(build)
+    assert not (store.root / ".held" / str(build)).exists()
+    assert await store.builds() == []
+    assert [h.build_id for h in await store.held()] == [other]

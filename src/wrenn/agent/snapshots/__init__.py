@@ -10,15 +10,10 @@ from wrenn.agent.snapshots.diff import (
     write_diff,
 )
 from wrenn.agent.snapshots.header import NIL_BUILD_ID, Header, Mapping
+from wrenn.agent.snapshots.held import HeldBuild
+from wrenn.agent.snapshots.manifest import DeviceRecord, FileRecord, Manifest
 from wrenn.agent.snapshots.reader import Extent, Reader
-from wrenn.agent.snapshots.store import (
-    DeviceInput,
-    DeviceRecord,
-    FileRecord,
-    LocalSnapshotStore,
-    Manifest,
-    SnapshotStore,
-)
+from wrenn.agent.snapshots.store import DeviceInput, LocalSnapshotStore, SnapshotStore
 
 __all__ = [
     "NIL_BUILD_ID",
@@ -28,6 +23,7 @@ __all__ = [
     "Extent",
     "FileRecord",
     "Header",
+    "HeldBuild",
     "LocalSnapshotStore",
     "Manifest",
     "Mapping",

@@ -6,13 +6,21 @@ file, recorded at write time, and the builds its headers read from).
 A build appears atomically: it is written under ``.staging/`` and renamed into place. Every
 file is checked against its recorded sha256 before use; a mismatch raises ``Corrupted``
 naming the build and the file. A build that others depend on cannot be deleted.
+
+A build can also be *held* before it is stored: its plain files (``state``) are kept under
+``.held/<build-id>/`` with their checksums, its parent and the host's boot id, while its
+devices are still elsewhere (a paused QEMU guest's memory file). ``file`` serves a held build's
+files; ``complete`` stores the build from them plus its devices. The hold stays until the build
+is deleted or the next ``sweep`` (a path ``file`` returned for it stays valid meanwhile). Held
+files are written without fsync: a held build is only usable in the boot that held it
+(``HeldBuild.this_boot``), since a host crash may have lost them, as it may have lost the
+unsynced memory file beside them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -20,16 +28,18 @@ import tempfile
 import threading
 from collections.abc import Mapping as MappingOf
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from uuid import UUID
 
 from wrenn.agent.snapshots import header as hdr
 from wrenn.agent.snapshots import prefetch as prefetch_codec
 from wrenn.agent.snapshots.diff import find_dirty_blocks, write_diff
 from wrenn.agent.snapshots.header import Header
+from wrenn.agent.snapshots.held import HeldBuild, boot_id
+from wrenn.agent.snapshots.manifest import DeviceRecord, FileRecord, Manifest
 from wrenn.agent.snapshots.reader import Reader
 from wrenn.core.errors import (
     AlreadyExists,
@@ -44,6 +54,7 @@ log = get(__name__)
 
 MANIFEST = "manifest.json"
 PREFETCH = "prefetch"
+HELD = "held.json"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _RESERVED = {MANIFEST, PREFETCH}
 
@@ -64,61 +75,6 @@ class DeviceInput:
     block_size: int = 4096
 
 
-@dataclass(frozen=True)
-class FileRecord:
-    sha256: str
-    size_bytes: int
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    generation: int
-    size_bytes: int
-    block_size: int
-    #: Bytes of the device this build stores itself (the rest comes from its dependencies).
-    stored_bytes: int
-
-
-@dataclass(frozen=True)
-class Manifest:
-    build_id: UUID
-    parent_id: UUID | None
-    created_at: str
-    devices: dict[str, DeviceRecord]
-    files: dict[str, FileRecord]
-    #: Builds (other than this one) that this build's headers read from.
-    depends_on: frozenset[UUID] = field(default_factory=frozenset)
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": 1,
-                "build_id": str(self.build_id),
-                "parent_id": str(self.parent_id) if self.parent_id else None,
-                "created_at": self.created_at,
-                "devices": {k: vars(v) for k, v in sorted(self.devices.items())},
-                "files": {k: vars(v) for k, v in sorted(self.files.items())},
-                "depends_on": sorted(str(b) for b in self.depends_on),
-            },
-            indent=2,
-        )
-
-    @classmethod
-    def from_json(cls, text: str, *, source: str) -> Manifest:
-        try:
-            raw: dict[str, Any] = json.loads(text)
-            return cls(
-                build_id=UUID(raw["build_id"]),
-                parent_id=UUID(raw["parent_id"]) if raw["parent_id"] else None,
-                created_at=raw["created_at"],
-                devices={k: DeviceRecord(**v) for k, v in raw["devices"].items()},
-                files={k: FileRecord(**v) for k, v in raw["files"].items()},
-                depends_on=frozenset(UUID(b) for b in raw["depends_on"]),
-            )
-        except (ValueError, KeyError, TypeError) as err:
-            raise Corrupted(f"{source}: unreadable manifest ({err})") from err
-
-
 class SnapshotStore(Protocol):
     """Builds (template, pause, named snapshot) and their layered device files."""
 
@@ -134,6 +90,22 @@ class SnapshotStore(Protocol):
         """Store a new build: each device as a diff over ``parent``'s (generation 0 where the
         parent has none), each file copied. Refused if ``build_id`` exists."""
 
+    async def hold(
+        self, build_id: UUID, *, parent: UUID | None, files: MappingOf[str, Path]
+    ) -> HeldBuild:
+        """Keep ``files`` for a build whose devices are stored later (``complete``); ``file``
+        serves them meanwhile. Refused if ``build_id`` exists or is held."""
+
+    async def complete(self, build_id: UUID, *, devices: MappingOf[str, DeviceInput]) -> Manifest:
+        """Store a held build: its devices as diffs over its parent's, and its held files. A
+        build already stored is returned as it is."""
+
+    async def held(self) -> list[HeldBuild]:
+        """Every held build not stored yet (of this boot or an earlier one)."""
+
+    async def release(self, build_id: UUID) -> None:
+        """Forget a hold (its files go; a stored build of that id stays)."""
+
     async def manifest(self, build_id: UUID) -> Manifest: ...
 
     async def header(self, build_id: UUID, device: str) -> Header:
@@ -143,7 +115,7 @@ class SnapshotStore(Protocol):
         """A reader over ``device`` with every layer it needs verified. Close it after use."""
 
     async def file(self, build_id: UUID, name: str) -> Path:
-        """The verified path of a plain artifact (``state``)."""
+        """The verified path of a plain artifact (``state``) of a stored or held build."""
 
     async def materialize(self, build_id: UUID, device: str, dest: Path) -> None:
         """Write the whole device as one flat (sparse where zero) file at ``dest``."""
@@ -177,6 +149,12 @@ class LocalSnapshotStore:
 
     def _dir(self, build_id: UUID) -> Path:
         return self.root / str(build_id)
+
+    def _held_dir(self, build_id: UUID) -> Path:
+        return self.root / ".held" / str(build_id)
+
+    def _stored(self, build_id: UUID) -> bool:
+        return (self._dir(build_id) / MANIFEST).is_file()
 
     def _require(self, build_id: UUID) -> Path:
         path = self._dir(build_id)
@@ -215,8 +193,18 @@ class LocalSnapshotStore:
                 raise InvalidArgument(f"invalid artifact name {name!r}")
         if len(set(names)) != len(names):
             raise InvalidArgument("artifact names collide")
-        if self._dir(build_id).exists():
+        if self._dir(build_id).exists() or self._held_dir(build_id).exists():
             raise AlreadyExists(f"snapshot build {build_id} already exists")
+        return self._write_build(build_id, parent, devices, files, prefetch)
+
+    def _write_build(
+        self,
+        build_id: UUID,
+        parent: UUID | None,
+        devices: dict[str, DeviceInput],
+        files: dict[str, Path],
+        prefetch: Sequence[int],
+    ) -> Manifest:
         parent_manifest = self._manifest(parent) if parent is not None else None
         staging_root = self.root / ".staging"
         staging_root.mkdir(parents=True, exist_ok=True)
@@ -298,9 +286,7 @@ class LocalSnapshotStore:
                 # Hashed while written: the next use (this build as a parent) need not read
                 # its files again to check them.
                 for name in records:
-                    st = (self._dir(build_id) / name).stat()
-                    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                    self._verified[(build_id, name)] = identity
+                    self._remember_verified(build_id, name, self._dir(build_id) / name)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -331,6 +317,109 @@ class LocalSnapshotStore:
             )
             _write_atomic(path / MANIFEST, updated.to_json().encode())
             self._verified.pop((build_id, PREFETCH), None)
+
+    # -- held builds -------------------------------------------------------------------------
+
+    async def hold(
+        self, build_id: UUID, *, parent: UUID | None, files: MappingOf[str, Path]
+    ) -> HeldBuild:
+        return await asyncio.to_thread(self._hold, build_id, parent, dict(files))
+
+    def _hold(self, build_id: UUID, parent: UUID | None, files: dict[str, Path]) -> HeldBuild:
+        if build_id == hdr.NIL_BUILD_ID:
+            raise InvalidArgument("the nil build id cannot name a build")
+        for name in files:
+            if not _NAME.match(name) or name in _RESERVED or name.endswith(".header"):
+                raise InvalidArgument(f"invalid artifact name {name!r}")
+        if self._dir(build_id).exists() or self._held_dir(build_id).exists():
+            raise AlreadyExists(f"snapshot build {build_id} already exists")
+        staging_root = self.root / ".staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        (self.root / ".held").mkdir(exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{build_id}-", dir=staging_root))
+        try:
+            records: dict[str, FileRecord] = {}
+            for name, src in files.items():
+                digest = hashlib.sha256()
+                with src.open("rb") as f_in, (staging / name).open("wb") as f_out:
+                    while chunk := f_in.read(1 << 20):
+                        digest.update(chunk)
+                        f_out.write(chunk)
+                records[name] = FileRecord(digest.hexdigest(), (staging / name).stat().st_size)
+            held = HeldBuild(build_id, parent, boot_id(), records)
+            (staging / HELD).write_text(held.to_json())
+            with self._lock:
+                if self._dir(build_id).exists() or self._held_dir(build_id).exists():
+                    raise AlreadyExists(f"snapshot build {build_id} already exists")
+                staging.rename(self._held_dir(build_id))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for name in records:
+            self._remember_verified(build_id, name, self._held_dir(build_id) / name)
+        log.info("snapshot.held", build_id=str(build_id), parent_id=str(parent))
+        return held
+
+    async def complete(self, build_id: UUID, *, devices: MappingOf[str, DeviceInput]) -> Manifest:
+        return await asyncio.to_thread(self._complete, build_id, dict(devices))
+
+    def _complete(self, build_id: UUID, devices: dict[str, DeviceInput]) -> Manifest:
+        if self._stored(build_id):
+            return self._manifest(build_id)
+        held = self._held(build_id)
+        files = {name: self._verify_held(held, name) for name in held.files}
+        try:
+            return self._write_build(build_id, held.parent_id, devices, files, ())
+        except AlreadyExists:
+            return self._manifest(build_id)
+
+    async def held(self) -> list[HeldBuild]:
+        return await asyncio.to_thread(self._held_builds)
+
+    def _held_builds(self) -> list[HeldBuild]:
+        root = self.root / ".held"
+        if not root.is_dir():
+            return []
+        out = []
+        for entry in sorted(root.iterdir()):
+            try:
+                build_id = UUID(entry.name)
+                if not self._stored(build_id):
+                    out.append(self._held(build_id))
+            except (ValueError, NotFound, Corrupted) as err:
+                log.warning("snapshot.held_unreadable", path=str(entry), error=str(err))
+        return out
+
+    def _held(self, build_id: UUID) -> HeldBuild:
+        path = self._held_dir(build_id) / HELD
+        try:
+            text = path.read_text()
+        except FileNotFoundError as err:
+            raise NotFound(f"snapshot build {build_id} is not held") from err
+        return HeldBuild.from_json(text, source=f"held snapshot build {build_id}")
+
+    async def release(self, build_id: UUID) -> None:
+        await asyncio.to_thread(self._release, build_id)
+
+    def _release(self, build_id: UUID) -> None:
+        with self._lock:
+            directory = self._held_dir(build_id)
+            if not directory.exists():
+                return
+            trash = self.root / ".trash"
+            trash.mkdir(exist_ok=True)
+            doomed = Path(tempfile.mkdtemp(prefix=f"{build_id}-held-", dir=trash))
+            directory.rename(doomed / "held")
+            if not self._stored(build_id):
+                self._verified = {k: v for k, v in self._verified.items() if k[0] != build_id}
+        shutil.rmtree(doomed, ignore_errors=True)
+        log.info("snapshot.released", build_id=str(build_id))
+
+    def _verify_held(self, held: HeldBuild, name: str) -> Path:
+        record = held.files.get(name)
+        if record is None:
+            raise NotFound(f"held snapshot build {held.build_id} has no file {name!r}")
+        return self._check(held.build_id, name, self._held_dir(held.build_id) / name, record)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -373,7 +462,12 @@ class LocalSnapshotStore:
         return layers
 
     async def file(self, build_id: UUID, name: str) -> Path:
-        return await asyncio.to_thread(self._verify, build_id, name)
+        return await asyncio.to_thread(self._file, build_id, name)
+
+    def _file(self, build_id: UUID, name: str) -> Path:
+        if not self._stored(build_id) and self._held_dir(build_id).is_dir():
+            return self._verify_held(self._held(build_id), name)
+        return self._verify(build_id, name)
 
     async def materialize(self, build_id: UUID, device: str, dest: Path) -> None:
         await asyncio.to_thread(self._materialize, build_id, device, dest)
@@ -452,13 +546,16 @@ class LocalSnapshotStore:
             trash.mkdir(exist_ok=True)
             doomed = Path(tempfile.mkdtemp(prefix=f"{build_id}-", dir=trash))
             path.rename(doomed / "build")
+            if self._held_dir(build_id).exists():
+                self._held_dir(build_id).rename(doomed / "held")
             self._verified = {k: v for k, v in self._verified.items() if k[0] != build_id}
         shutil.rmtree(doomed, ignore_errors=True)
         log.info("snapshot.deleted", build_id=str(build_id))
 
     async def sweep(self) -> int:
-        """Remove what an interrupted create or delete left behind (call at start, before any
-        create). Returns how many leftovers went."""
+        """Remove what an interrupted create or delete left behind, the holds of builds stored
+        since and unreadable holds (call at start, before any create). Returns how many
+        leftovers went."""
         return await asyncio.to_thread(self._sweep)
 
     def _sweep(self) -> int:
@@ -467,6 +564,18 @@ class LocalSnapshotStore:
             for scratch in (self.root / ".staging", self.root / ".trash"):
                 if scratch.is_dir():
                     for entry in scratch.iterdir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                        removed += 1
+            held = self.root / ".held"
+            if held.is_dir():
+                for entry in held.iterdir():
+                    try:
+                        build_id = UUID(entry.name)
+                        done = self._stored(build_id)
+                        self._held(build_id)
+                    except (ValueError, NotFound, Corrupted):
+                        done = True  # unreadable: nothing could use it
+                    if done:
                         shutil.rmtree(entry, ignore_errors=True)
                         removed += 1
         if removed:
@@ -481,7 +590,10 @@ class LocalSnapshotStore:
         record = manifest.files.get(name)
         if record is None:
             raise NotFound(f"snapshot build {build_id} has no file {name!r}")
-        path = self._dir(build_id) / name
+        return self._check(build_id, name, self._dir(build_id) / name, record)
+
+    def _check(self, build_id: UUID, name: str, path: Path, record: FileRecord) -> Path:
+        """``path`` after checking it against ``record`` (once per unchanged file)."""
         try:
             st = path.stat()
         except FileNotFoundError as err:
@@ -498,6 +610,11 @@ class LocalSnapshotStore:
             raise Corrupted(f"snapshot build {build_id}: {name} fails its sha256 check")
         self._verified[(build_id, name)] = identity
         return path
+
+    def _remember_verified(self, build_id: UUID, name: str, path: Path) -> None:
+        """``path`` was hashed as it was written: its next use need not read it again."""
+        st = path.stat()
+        self._verified[(build_id, name)] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def sha256_file(path: Path) -> str:
