@@ -1,15 +1,24 @@
-"""Pause and resume with a working set: a sandbox of the base template (512 MiB guest) writes
-100 MiB of fresh random data to /dev/shm before every pause, beside a raw QEMU restore of the
-same pause build in the same run, and the page server's fault rate on that much memory. Prints
-tables; asserts nothing. Needs root, QEMU and the base image (built on first use).
+"""Pause and resume with a working set: a sandbox of the base template (512 MiB guest) goes
+through three kinds of cycles, in turn: paused idle and resumed at once; 100 MiB of fresh
+random data written to /dev/shm, paused and resumed at once; the same, resumed once the pause's
+build is stored. Beside them a raw QEMU restore of a pause build in the same run, and the page
+server's fault rate on that much memory. Prints tables; asserts nothing. Needs root, QEMU and
+the base image (built on first use).
 
     .venv/bin/python bench/snapshots.py [--runs 5] [--dirty-mib 100]
 
 What each row measures (a real ``wrenn-agent`` process on a scratch state directory):
 - pause: PauseSandbox from the RPC being sent until its answer (envd /snapshot/prepare, QEMU
-  stop and migration of the device state, the memory diffed against the parent build and
-  stored, the VM stopped); its steps as the agent logs them (``sandbox.paused``).
-- resume: ResumeSandbox (memory image, restore into a free slot, envd /health, /init).
+  stop and migration of the device state, the state held and the memory file kept, the
+  catalog, the VM stopped); its steps as the agent logs them (``sandbox.paused``).
+- background store: what the agent does after the pause answered (``snapshot.stored``): the
+  extents the guest wrote (its memory file written back first), waiting for a resume under
+  way, the memory diffed against the parent build, written, hashed and fsynced; "total"
+  counts from the answer.
+- resume of the stored build: ResumeSandbox once the background store is done (memory image,
+  restore into a free slot, envd /health, /init), comparable with the raw restore.
+- resume right after the pause answered: the same, sent at once; it clones the memory image
+  only once its extents are read, so it waits for the write-back.
 - raw QEMU restore: QemuVmm.restore of the last pause build (its memory materialised from the
   store, mapped private; its state; a reflink of the sandbox's disk) into a namespace of its
   own until envd answers /health — the floor under "resume".
@@ -22,13 +31,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +66,9 @@ def ms(seconds: float) -> str:
 
 
 def row(name: str, samples: list[float], note: str = "") -> list[object]:
+    if not samples:
+        return [name, 0, "-", "-", note]
     return [name, len(samples), ms(p50(samples)), ms(percentile(samples, 0.95)), note]
-
-
-def steps_table(events: list[dict[str, Any]], event: str) -> list[list[object]]:
-    """p50 of each step the agent logged for ``event``, in the order it logs them."""
-    samples: dict[str, list[float]] = {}
-    for e in events:
-        if e.get("event") == event and e.get("sandbox_id") == SANDBOX:
-            for step, value in e.get("steps_ms", {}).items():
-                samples.setdefault(step, []).append(float(value))
-    return [[f"  {step}", len(v), f"{p50(v):.0f} ms", ""] for step, v in samples.items()]
 
 
 async def run_sh(sdk: AsyncSandbox, script: str) -> None:
@@ -76,15 +77,26 @@ async def run_sh(sdk: AsyncSandbox, script: str) -> None:
         raise RuntimeError(f"{script!r} failed: {result.stderr}")
 
 
+@dataclass
+class Cycles:
+    """Pause and resume cycles of one kind: RPC times and builds."""
+
+    pauses: list[float] = field(default_factory=list)
+    resumes: list[float] = field(default_factory=list)
+    builds: list[str] = field(default_factory=list)
+
+
 async def bench_agent(
     image: GuestImage, runs: int, dirty_mib: int
 ) -> tuple[list[list[object]], list[list[object]], str]:
     home = AgentHome.make(image, index=7, slots=2)
     agent: Agent | None = None
     events: list[dict[str, Any]] = []
+    idle, at_once, stored = Cycles(), Cycles(), Cycles()
     try:
         agent = await asyncio.to_thread(Agent, home, warm_base_template="true")
         client = agent.client()
+        store = LocalSnapshotStore(home.state_dir / "snapshots")
         try:
             info = await client.get_host_info(pb.GetHostInfoRequest())
             runtime = info.runtime
@@ -92,40 +104,48 @@ async def bench_agent(
                 pb.CreateSandboxRequest(sandbox_id=SANDBOX, template_id="base")
             )
             url = agent.forward_url(SANDBOX, ENVD_PORT)
-            pauses, resumes, stored = [], [], []
             dirty = f"head -c {dirty_mib}M /dev/urandom > /dev/shm/dirty"
-            build_id = ""
-            for i in range(runs):
-                sdk = await AsyncSandbox.create(debug=True, sandbox_url=url)
-                await run_sh(sdk, dirty)
+
+            async def cycle(kind: Cycles, *, dirtied: bool, wait: bool) -> None:
+                if dirtied:
+                    sdk = await AsyncSandbox.create(debug=True, sandbox_url=url)
+                    await run_sh(sdk, dirty)
+                else:
+                    await asyncio.sleep(1)
                 t0 = time.perf_counter()
                 paused = await client.pause_sandbox(pb.PauseSandboxRequest(sandbox_id=SANDBOX))
-                pauses.append(time.perf_counter() - t0)
-                build_id = paused.build_id
-                stored.append(build_bytes(home, build_id))
-                if i < runs - 1:
-                    t0 = time.perf_counter()
-                    await client.resume_sandbox(pb.ResumeSandboxRequest(sandbox_id=SANDBOX))
-                    resumes.append(time.perf_counter() - t0)
+                kind.pauses.append(time.perf_counter() - t0)
+                kind.builds.append(paused.build_id)
+                if wait:
+                    await wait_stored(store, uuid.UUID(paused.build_id))
+                t0 = time.perf_counter()
+                await client.resume_sandbox(pb.ResumeSandboxRequest(sandbox_id=SANDBOX))
+                kind.resumes.append(time.perf_counter() - t0)
+
+            for _ in range(runs):
+                await cycle(idle, dirtied=False, wait=False)
+                await cycle(at_once, dirtied=True, wait=False)
+                await cycle(stored, dirtied=True, wait=True)
 
             # The last pause build, restored by QEMU alone while the sandbox stays paused.
+            sdk = await AsyncSandbox.create(debug=True, sandbox_url=url)
+            await run_sh(sdk, dirty)
+            paused = await client.pause_sandbox(pb.PauseSandboxRequest(sandbox_id=SANDBOX))
+            build_id = uuid.UUID(paused.build_id)
+            await wait_stored(store, build_id)
             work = home.state_dir / "disks" / "bench"
             work.mkdir()
             disk = work / "raw.img"
             await reflink(home.state_dir / "disks" / "sandboxes" / f"{SANDBOX}.img", disk)
-            store = LocalSnapshotStore(home.state_dir / "snapshots")
             snapshot = SnapshotFiles(
-                memfile=work / "memfile",
-                state=await store.file(uuid.UUID(build_id), "state"),
+                memfile=work / "memfile", state=await store.file(build_id, "state")
             )
-            await store.materialize(uuid.UUID(build_id), "memfile", snapshot.memfile)
+            await store.materialize(build_id, "memfile", snapshot.memfile)
             raw = RawGuests(image, work, runtime.removeprefix("qemu-"))
             restores = [await raw.run(disk, snapshot) for _ in range(runs)]
             shutil.rmtree(work, ignore_errors=True)
-
-            t0 = time.perf_counter()
-            await client.resume_sandbox(pb.ResumeSandboxRequest(sandbox_id=SANDBOX))
-            resumes.append(time.perf_counter() - t0)
+            idle_bytes = [await stored_bytes(store, b) for b in idle.builds]
+            dirty_bytes = [await stored_bytes(store, b) for b in at_once.builds + stored.builds]
             await client.destroy_sandbox(pb.DestroySandboxRequest(sandbox_id=SANDBOX))
         finally:
             await client.close()
@@ -135,26 +155,69 @@ async def bench_agent(
             events = log_events(agent)
         await asyncio.to_thread(home.scrub)
 
-    ratio = p50(resumes) / p50(restores)
+    def logged(name: str, builds: list[str]) -> list[dict[str, Any]]:
+        return [e for e in events if e.get("event") == name and e.get("build_id") in builds]
+
+    def background(builds: list[str]) -> list[float]:
+        return [e["total_ms"] / 1000 for e in logged("snapshot.stored", builds)]
+
+    dirty_builds = at_once.builds + stored.builds
+    ratio = p50(stored.resumes) / p50(restores)
+    ratio_at_once = p50(at_once.resumes) / p50(restores)
     rows = [
-        row("pause (RPC)", pauses, f"{dirty_mib} MiB dirtied before each"),
-        *[[*r, ""] for r in steps_table(events, "sandbox.paused")],
-        row("resume (RPC)", resumes, f"{ratio:.2f} x raw restore (p50)"),
-        *[[*r, ""] for r in steps_table(events, "sandbox.resumed")],
+        row("pause (RPC)", at_once.pauses + stored.pauses, f"{dirty_mib} MiB dirtied before each"),
+        *steps_rows(logged("sandbox.paused", dirty_builds)),
+        row("  background store, after the answer", background(dirty_builds)),
+        *steps_rows(logged("snapshot.stored", dirty_builds), indent="    "),
+        row("resume (RPC) of the stored build", stored.resumes, f"{ratio:.2f} x raw restore"),
+        *steps_rows(logged("sandbox.resumed", stored.builds)),
+        row(
+            "resume (RPC) right after the pause answered",
+            at_once.resumes,
+            f"{ratio_at_once:.2f} x raw restore",
+        ),
+        *steps_rows(logged("sandbox.resumed", at_once.builds)),
         row("raw QEMU restore of the pause build → envd /health", restores),
+        row("idle pause (RPC)", idle.pauses, "nothing dirtied since the resume"),
+        *steps_rows(logged("sandbox.paused", idle.builds)),
+        row("  background store, after the answer", background(idle.builds)),
+        row("idle resume (RPC) right after the pause answered", idle.resumes),
+        *steps_rows(logged("sandbox.resumed", idle.builds)),
     ]
-    memfile = [b.get("memfile", 0) / MIB for b in stored]
-    state = [b.get("state", 0) / MIB for b in stored]
     sizes: list[list[object]] = [
-        ["memory diff stored per pause (p50)", f"{p50(memfile):.1f} MiB"],
-        ["VM state per pause (p50)", f"{p50(state):.2f} MiB"],
+        ["memory diff stored per pause (p50)", f"{p50([b / MIB for b in dirty_bytes]):.1f} MiB"],
+        [
+            "memory diff stored per idle pause (p50)",
+            f"{p50([b / MIB for b in idle_bytes]):.1f} MiB",
+        ],
     ]
     return rows, sizes, runtime
 
 
-def build_bytes(home: AgentHome, build_id: str) -> dict[str, int]:
-    manifest = json.loads((home.state_dir / "snapshots" / build_id / "manifest.json").read_text())
-    return {name: int(f["size_bytes"]) for name, f in manifest["files"].items()}
+def steps_rows(events: list[dict[str, Any]], indent: str = "  ") -> list[list[object]]:
+    """p50 of each step logged in ``events`` (``steps_ms``), in the order they are logged."""
+    samples: dict[str, list[float]] = {}
+    for e in events:
+        for step, value in e.get("steps_ms", {}).items():
+            samples.setdefault(step, []).append(float(value))
+    return [[f"{indent}{step}", len(v), f"{p50(v):.0f} ms", "", ""] for step, v in samples.items()]
+
+
+async def wait_stored(store: LocalSnapshotStore, build_id: uuid.UUID) -> None:
+    """Until the pause's background store has put the build in place."""
+    deadline = time.monotonic() + 120
+    while True:
+        if build_id in await store.builds():
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"build {build_id} was not stored within 120 s")
+        await asyncio.sleep(0.05)
+
+
+async def stored_bytes(store: LocalSnapshotStore, build: str) -> int:
+    build_id = uuid.UUID(build)
+    await wait_stored(store, build_id)
+    return (await store.manifest(build_id)).devices["memfile"].stored_bytes
 
 
 async def bench_uffd(dirty_mib: int) -> list[list[object]]:

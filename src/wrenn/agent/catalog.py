@@ -7,6 +7,11 @@
 
 Running sandboxes are not recorded: their VMs do not outlive the agent, and whatever a crashed
 agent left of them is reaped at start. Records hold envd access tokens, so files are 0600.
+
+A paused sandbox's build may still be being stored when its record is written: the snapshot
+store then *holds* it (``SnapshotStore.held``; its state held, its memory kept as the build's
+memory image). The store, not the record, says which: at start the agent redoes the store of a
+held build a record names (same boot of the host) or drops the record (see ``pending``).
 """
 
 from __future__ import annotations

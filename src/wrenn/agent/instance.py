@@ -7,9 +7,12 @@ directory removed, slot reset and returned.
     start(ColdBoot)   slot → run dir → VMM boots the image → envd /health (bounded)
     start(FromBuild)  slot → run dir → memory copy → VMM restores the build → envd /health
 
-The slot is reset in the background after the VM is gone (``SlotPool.release_soon``). A VM
-that stops for good right after a snapshot (a pause) hands its memory copy over as the
-build's memory image (``keep_memory_as``), so resuming that build copies no memory.
+The slot is reset in the background after the VM is gone (``SlotPool.release_soon``).
+
+A snapshot is taken by ``capture`` (the build stored before it returns: templates, named
+snapshots) or ``hold`` (a pause under QEMU: the build is held in the store with its device
+state, and the paused VM's memory copy becomes the build's memory image; the memory is stored
+later, in the background, and resuming the build copies no memory).
 
 The disk is not the instance's: it belongs to the sandbox and outlives a pause.
 """
@@ -37,7 +40,7 @@ from wrenn.agent.network import Slot, SlotPool
 from wrenn.agent.runtime import Runtime
 from wrenn.agent.snapshots import DeviceInput, Manifest, SnapshotStore
 from wrenn.agent.steps import Steps
-from wrenn.agent.vmm.base import NetworkAttachment, VmConfig, Vmm
+from wrenn.agent.vmm.base import NetworkAttachment, SnapshotFiles, VmConfig, Vmm
 from wrenn.agent.workingset import WorkingSets
 from wrenn.core.errors import DeadlineExceeded, Unavailable
 
@@ -76,6 +79,17 @@ class FromBuild:
     of the build's memory image."""
 
     build_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class Held:
+    """A snapshot held in the store, its memory kept as the build's image (``hold``)."""
+
+    build_id: uuid.UUID
+    parent: uuid.UUID | None
+    #: The VM was restored from ``parent``'s image, so the kept image's extent map tells which
+    #: blocks the guest wrote (``MemoryImages.changed_ranges``).
+    extents_known: bool
 
 
 @dataclass(frozen=True)
@@ -126,43 +140,83 @@ class Instance:
         parent: uuid.UUID | None,
         steps: Steps | None = None,
     ) -> Manifest:
-        """envd ``/snapshot/prepare`` → close the agent's idle envd connections and relayed
-        WebSockets (their FINs reach the guest while it still runs) → pause → snapshot → store
-        the build (memory as a diff over ``parent``'s, generation 0 without one). Leaves the VM
-        paused: the caller resumes it or closes the instance. The store reads QEMU's guest RAM
-        file in place, which holds while the guest stays paused."""
+        """``freeze``, then store the build (memory as a diff over ``parent``'s, generation 0
+        without one). Leaves the VM paused: the caller resumes it or closes the instance. The
+        store reads QEMU's guest RAM file in place, which holds while the guest stays paused."""
         steps = steps or Steps()
+        dest = self.run_dir / "snapshot"
+        try:
+            files = await self.freeze(dest, steps)
+            return await self._store(store, build_id, parent, files, steps)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, dest, ignore_errors=True)
+
+    async def hold(
+        self,
+        store: SnapshotStore,
+        build_id: uuid.UUID,
+        parent: uuid.UUID | None,
+        steps: Steps | None = None,
+    ) -> Held | Manifest:
+        """``freeze``, then hold the build in the store (its device state) and make the VM's
+        memory copy the build's memory image: the memory is stored later
+        (``PendingBuilds``). The VM stays paused and must not run again unless the image is
+        dropped first (it *is* the VM's memory). A VM without its own memory file (Firecracker)
+        stores the build at once, as ``capture`` does, and returns its manifest."""
+        steps = steps or Steps()
+        dest = self.run_dir / "snapshot"
+        try:
+            files = await self.freeze(dest, steps)
+            memory = self._memory
+            if memory is None or files.memfile != memory.path:
+                return await self._store(store, build_id, parent, files, steps)
+            await store.hold(build_id, parent=parent, files={"state": files.state})
+            steps.mark("hold")
+            try:
+                await memory.keep_as(build_id)
+            except BaseException:
+                await finish(store.release(build_id))
+                raise
+            steps.mark("keep")
+            return Held(build_id, parent, extents_known=parent == memory.source)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, dest, ignore_errors=True)
+
+    async def freeze(self, dest: Path, steps: Steps) -> SnapshotFiles:
+        """envd ``/snapshot/prepare`` → close the agent's idle envd connections and relayed
+        WebSockets (their FINs reach the guest while it still runs) → pause → the VMM's
+        snapshot into ``dest`` (QEMU: the device state; the memory file is the VM's own)."""
         await self.envd.prepare_snapshot()
         steps.mark("prepare")
         await asyncio.gather(self.envd.close_idle(), self.connections.close_all("sandbox pausing"))
         steps.mark("close_idle")
         await self.vmm.pause()
         steps.mark("pause")
-        dest = self.run_dir / "snapshot"
-        try:
-            files = await self._runtime.snapshot(self.vmm, dest)
-            steps.mark("snapshot")
-            changed = None
-            memory = self._memory
-            if memory is not None and parent == memory.source and files.memfile == memory.path:
-                changed = await memory.changed_ranges()
-                steps.mark("extents")
-            manifest = await store.create(
-                build_id,
-                parent=parent,
-                devices={"memfile": DeviceInput(source=files.memfile, changed_ranges=changed)},
-                files={"state": files.state},
-            )
-            steps.mark("store")
-            return manifest
-        finally:
-            await asyncio.to_thread(shutil.rmtree, dest, ignore_errors=True)
+        files = await self._runtime.snapshot(self.vmm, dest)
+        steps.mark("snapshot")
+        return files
 
-    def keep_memory_as(self, build_id: uuid.UUID) -> None:
-        """The VM's memory holds exactly ``build_id``'s (captured, and the guest will not run
-        again): ``close`` makes it that build's memory image."""
-        if self._memory is not None:
-            self._memory.keep_as = build_id
+    async def _store(
+        self,
+        store: SnapshotStore,
+        build_id: uuid.UUID,
+        parent: uuid.UUID | None,
+        files: SnapshotFiles,
+        steps: Steps,
+    ) -> Manifest:
+        changed = None
+        memory = self._memory
+        if memory is not None and parent == memory.source and files.memfile == memory.path:
+            changed = await memory.changed_ranges()
+            steps.mark("extents")
+        manifest = await store.create(
+            build_id,
+            parent=parent,
+            devices={"memfile": DeviceInput(source=files.memfile, changed_ranges=changed)},
+            files={"state": files.state},
+        )
+        steps.mark("store")
+        return manifest
 
     async def close(self) -> None:
         """Stop the VM and give back everything it held. Idempotent; runs to its end even if

@@ -12,10 +12,13 @@ Flows (each holds the sandbox's lock; see ``sandbox`` for the states):
     create    source build (template or named snapshot) → CoW disk from its disk image →
               slot → restore → envd /health → /init (env vars, token, user) → running
     pause     envd /snapshot/prepare → close the agent's idle envd connections and relayed
-              WebSockets → pause → snapshot (memory diffed over the parent build) → the
-              sandbox is recorded in the catalog → VM stopped (its memory file kept as the
-              build's memory image), slot reset in the background; the disk stays
-    resume    restore the pause build into any free slot → /init → running
+              WebSockets → pause → device state held in the snapshot store, the VM's memory
+              file kept as the build's memory image → the sandbox is recorded in the catalog
+              → VM stopped, slot reset in the background; the disk stays. The pause answers
+              here; the memory is diffed over the parent build and stored in the background
+              (``pending``; Firecracker stores it before answering)
+    resume    restore the pause build into any free slot (from its kept image and held state
+              while it is still being stored) → /init → running
     snapshot  like pause, plus the disk image; then the VM resumes and /init undoes
               /snapshot/prepare. New sandboxes spawn from it with its vCPUs and memory.
     destroy   the sandbox's exit stack unwinds (VM, slot, run directory, disk), then builds
@@ -48,9 +51,10 @@ from wrenn.agent.disks import DiskStore
 from wrenn.agent.envdclient import EnvdClient
 from wrenn.agent.guestlogs import GuestLogs, LogEntry, console_path
 from wrenn.agent.images import GuestImage, build_base
-from wrenn.agent.instance import FromBuild, HostResources, Instance, Shape
+from wrenn.agent.instance import FromBuild, Held, HostResources, Instance, Shape
 from wrenn.agent.memory import MemoryImages
 from wrenn.agent.network import NetworkPlan, SlotPool
+from wrenn.agent.pending import PendingBuilds
 from wrenn.agent.sandbox import Sandbox, SandboxState, SandboxView
 from wrenn.agent.snapshots import LocalSnapshotStore
 from wrenn.agent.steps import Steps
@@ -157,6 +161,8 @@ class Manager:
         self.catalog = Catalog(state_dir / "catalog")
         self.disks = DiskStore(state_dir / "disks")
         self.memory = MemoryImages(self.run_root / "memfiles", self.store, self.disks)
+        #: Pause builds being stored after their pause answered.
+        self.pending = PendingBuilds(self.store, self.memory)
         self.plan = NetworkPlan(
             slot_count=settings.slots,
             prefix=settings.network_prefix,
@@ -202,6 +208,9 @@ class Manager:
 
         await self.disks.open()
         self._stack.push_async_callback(self.disks.close)
+        # Stores under way end before the disk store (their memory images) goes.
+        self._stack.push_async_callback(self.pending.close)
+        await self.memory.forget_if_rebooted()
         await self.pool.start()
         self._stack.push_async_callback(self.pool.close)
         self._stack.push_async_callback(self._stop_sandboxes)
@@ -234,9 +243,33 @@ class Manager:
         return await asyncio.to_thread(build_base, self.settings.state_dir)
 
     async def _load_paused(self) -> None:
+        """Paused sandboxes from the catalog. A build that was still being stored when the
+        agent stopped is held in the store: in the same boot, with its memory image and its
+        parent recoverable, its store is redone now; otherwise the sandbox is lost."""
+        stored = set(await self.store.builds())
+        held = {h.build_id: h for h in await self.store.held()}
+        usable: dict[uuid.UUID, bool] = {}
+
+        async def recoverable(build_id: uuid.UUID) -> bool:
+            if build_id in stored:
+                return True
+            if build_id not in usable:
+                h = held.get(build_id)
+                usable[build_id] = (
+                    h is not None
+                    and h.this_boot
+                    and await self.memory.has_image(build_id)
+                    and (h.parent_id is None or await recoverable(h.parent_id))
+                )
+            return usable[build_id]
+
         for record in self.catalog.sandboxes.all():
             disk = self.disks.disk_path(record.disk_id)
-            if record.build_id is None or not await asyncio.to_thread(disk.exists):
+            if (
+                record.build_id is None
+                or not await asyncio.to_thread(disk.exists)
+                or not await recoverable(record.build_id)
+            ):
                 _log.warning("sandbox.unrecoverable", sandbox_id=record.sandbox_id)
                 await self.catalog.sandboxes.delete(record.sandbox_id)
                 continue
@@ -245,6 +278,13 @@ class Manager:
             # As for a created sandbox: closing the stack stops the VM a resume starts.
             sandbox.stack.push_async_callback(sandbox.stop_instance)
             self._sandboxes[record.sandbox_id] = sandbox
+        redo = [b for b, ok in usable.items() if ok]
+        for build_id in redo:
+            self.pending.add(build_id, held[build_id].parent_id, extents_known=False)
+        for build_id in redo:
+            self.pending.start(build_id)
+        if redo:
+            _log.warning("snapshot.store_redone", builds=[str(b) for b in redo])
 
     async def _reap_disks(self) -> None:
         """Sandbox disks of sandboxes that did not survive (running when the agent died)."""
@@ -501,12 +541,16 @@ class Manager:
             if self._sandboxes.get(sandbox_id) is not sandbox:
                 raise NotFound(f"sandbox {sandbox_id} not found")
             sandbox.state = SandboxState.STOPPING
+            build_id = sandbox.record.build_id
             try:
                 await finish(sandbox.stack.aclose())
             finally:
                 self._sandboxes.pop(sandbox_id, None)
                 await finish(self.catalog.sandboxes.delete(sandbox_id))
         _log.info("sandbox.destroyed", sandbox_id=sandbox_id)
+        # A pause build still being stored: its store is skipped unless it has begun, and
+        # the build is collected once that has ended.
+        await self.pending.abandon(build_id)
         await finish(self.collect_garbage())
 
     # -- pause and resume --------------------------------------------------------------------
@@ -521,17 +565,28 @@ class Manager:
             steps = Steps()
             try:
                 try:
-                    await vm.capture(self.store, build_id, parent=sandbox.parent_build, steps=steps)
+                    captured = await vm.hold(
+                        self.store, build_id, parent=sandbox.parent_build, steps=steps
+                    )
+                    record = sandbox.record.model_copy(update={"build_id": build_id})
+                    await finish(self.catalog.sandboxes.put(record))
                 except BaseException:
-                    await finish(self._carry_on(sandbox, vm))
+                    await finish(self._carry_on(sandbox, vm, drop=build_id))
                     raise
-                sandbox.record = sandbox.record.model_copy(update={"build_id": build_id})
-                await finish(self.catalog.sandboxes.put(sandbox.record))
                 steps.mark("catalog")
+                # The build is recoverable from here: its state held, its memory kept.
+                sandbox.record = record
                 sandbox.state = SandboxState.PAUSED
-                vm.keep_memory_as(build_id)
-                await sandbox.stop_instance()
-                steps.mark("stop")
+                if isinstance(captured, Held):
+                    self.pending.add(
+                        build_id, captured.parent, extents_known=captured.extents_known
+                    )
+                try:
+                    await sandbox.stop_instance()
+                    steps.mark("stop")
+                finally:
+                    if isinstance(captured, Held):
+                        self.pending.start(build_id)
             finally:
                 self._pins.discard(build_id)
         _log.info(
@@ -543,10 +598,17 @@ class Manager:
         )
         return build_id
 
-    async def _carry_on(self, sandbox: Sandbox, vm: Instance) -> None:
+    async def _carry_on(
+        self, sandbox: Sandbox, vm: Instance, drop: uuid.UUID | None = None
+    ) -> None:
         """After a capture (failed, or a named snapshot): resume the VM and undo
-        /snapshot/prepare with /init. A sandbox that cannot go on is marked failed."""
+        /snapshot/prepare with /init. ``drop``: a build a failed pause may have held, whose
+        memory image is the VM's own memory: the image goes before the VM runs again. A
+        sandbox that cannot go on is marked failed."""
         try:
+            if drop is not None:
+                await self.memory.drop(drop)
+                await self.store.release(drop)
             if vm.vmm.state is VmState.PAUSED:
                 await vm.vmm.resume()
             await self._init(sandbox.record, vm.envd)
@@ -581,19 +643,20 @@ class Manager:
                         "envd_access_token": envd_access_token or record.envd_access_token,
                     }
                 )
-                vm = await instance.start(
-                    host,
-                    name=sandbox_id,
-                    shape=self._shape_of(resumed, self.disks.disk_path(record.disk_id)),
-                    source=FromBuild(build_id),
-                    envd_access_token=record.envd_access_token,
-                    first_call=functools.partial(self._init, resumed),
-                    steps=steps,
-                )
-                sandbox.instance = vm
-                sandbox.parent_build = build_id
-                await self.guest_logs.attach(sandbox_id, console_path(vm.vmm), sandbox.stack)
-                sandbox.record = resumed
+                async with self.pending.restoring():
+                    vm = await instance.start(
+                        host,
+                        name=sandbox_id,
+                        shape=self._shape_of(resumed, self.disks.disk_path(record.disk_id)),
+                        source=FromBuild(build_id),
+                        envd_access_token=record.envd_access_token,
+                        first_call=functools.partial(self._init, resumed),
+                        steps=steps,
+                    )
+                    sandbox.instance = vm
+                    sandbox.parent_build = build_id
+                    await self.guest_logs.attach(sandbox_id, console_path(vm.vmm), sandbox.stack)
+                    sandbox.record = resumed
             except BaseException:
                 await finish(sandbox.stop_instance())
                 sandbox.record = record
@@ -623,6 +686,8 @@ class Manager:
                 raise AlreadyExists(f"snapshot {snapshot_id} already exists")
             async with sandbox.lock:
                 vm = sandbox.running()
+                # The snapshot is a diff over the build the sandbox was resumed from.
+                await self.pending.stored(sandbox.parent_build)
                 sandbox.state = SandboxState.PAUSING
                 build_id = uuid.uuid4()
                 self._pins.add(build_id)
@@ -675,7 +740,10 @@ class Manager:
             record = self.catalog.snapshots.get(snapshot_id)
             if record is None:
                 raise NotFound(f"snapshot {snapshot_id} not found")
-            dependents = await self.store.dependents(record.build_id)
+            dependents = set(await self.store.dependents(record.build_id))
+            dependents |= {
+                h.build_id for h in await self.store.held() if h.parent_id == record.build_id
+            }
             users = sorted(
                 s.sandbox_id for s in self._sandboxes.values() if s.parent_build == record.build_id
             )
@@ -696,15 +764,37 @@ class Manager:
         builds |= {s.build_id for s in self.catalog.snapshots.all()}
         for sandbox in self._sandboxes.values():
             builds |= {b for b in (sandbox.record.build_id, sandbox.parent_build) if b}
-        return builds | self._pins
+        return builds | self._pins | self.pending.builds()
+
+    async def _referenced_and_held(self) -> set[uuid.UUID]:
+        """``_referenced``, and the parents of held builds among them (a held build's store
+        reads its parent), recursively."""
+        referenced = self._referenced()
+        parents = {h.build_id: h.parent_id for h in await self.store.held()}
+        todo = [b for b in referenced if b in parents]
+        while todo:
+            parent = parents[todo.pop()]
+            if parent is not None and parent not in referenced:
+                referenced.add(parent)
+                if parent in parents:
+                    todo.append(parent)
+        return referenced
 
     async def collect_garbage(self) -> None:
-        """Delete snapshot builds and template disk images nothing refers to: no template,
-        named snapshot or sandbox, and no other build reading from them (children first)."""
+        """Delete snapshot builds (stored or held) and template disk images nothing refers
+        to: no template, named snapshot, sandbox or pending store, and no other build reading
+        from them (children first)."""
         async with self._gc_lock:
             deleted: list[uuid.UUID] = []
+            referenced = await self._referenced_and_held()
+            for held in await self.store.held():
+                if held.build_id not in referenced:
+                    await self.store.release(held.build_id)
+                    await self.memory.drop(held.build_id)
+                    self.pending.forget(held.build_id)
+                    deleted.append(held.build_id)
             while True:
-                referenced = self._referenced()
+                referenced = await self._referenced_and_held()
                 candidates = [b for b in await self.store.builds() if b not in referenced]
                 progress = False
                 for build_id in candidates:
@@ -712,11 +802,12 @@ class Manager:
                         continue
                     await self.store.delete(build_id)
                     await self.memory.drop(build_id)
+                    self.pending.forget(build_id)
                     deleted.append(build_id)
                     progress = True
                 if not progress:
                     break
-            referenced = self._referenced()
+            referenced = await self._referenced_and_held()
             keep = {str(b) for b in referenced} | {self.memory.image_id(b) for b in referenced}
             if self._templates is not None:
                 keep.add(image_template_id(self._templates.base_image))

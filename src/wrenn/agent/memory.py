@@ -7,10 +7,16 @@ guest maps its RAM. So the guest writes into its own file, the build's image is 
 and a snapshot of the guest carries no RAM in QEMU's migration stream (the memory goes through
 the store's block diff instead).
 
-A paused sandbox's build needs no import: when its VM stops, the VM's own memory file holds
-exactly that build's memory (the diff was read from it while the guest was paused, and the
-guest never ran again), so ``VmMemory.keep_as`` makes it the build's image by reflink before
-the file goes. Resuming costs one more reflink, not a copy of the memory.
+A paused sandbox's build needs no import: once its VM is paused for good, the VM's own memory
+file holds exactly that build's memory, and ``keep`` makes it the build's image under a second
+name (a hard link: nothing copied, nothing written back). Until the pause's background store
+has read which blocks the guest wrote (``changed_ranges``: the extents the image no longer
+shares with its parent's), the image is not cloned: a clone would share those blocks too, and
+the extent map could no longer tell them apart. ``copy_for`` waits for that.
+
+Images are written without fsync. They are caches of what the snapshot store holds (except a
+pause's image while its build is being stored, which is only recoverable in the same boot), so
+``forget_if_rebooted`` drops them all when the host has restarted since they were made.
 
 ``<scratch>`` (under ``run/``) holds a build's flat memory only while it is being imported.
 """
@@ -26,7 +32,8 @@ from uuid import UUID
 from wrenn import log
 from wrenn.agent.disks import DiskStore, extents
 from wrenn.agent.snapshots import SnapshotStore
-from wrenn.core.errors import NotFound, WrennError
+from wrenn.agent.snapshots.held import boot_id
+from wrenn.core.errors import NotFound
 
 _log = log.get(__name__)
 
@@ -36,24 +43,48 @@ PREFIX = "mem-"
 class MemoryImages:
     def __init__(self, scratch: Path, store: SnapshotStore, disks: DiskStore) -> None:
         self.scratch = scratch
+        #: The boot the images were made in.
+        self._boot_marker = scratch.with_name(f"{scratch.name}.boot")
         self._store = store
         self._disks = disks
         self._locks: dict[UUID, asyncio.Lock] = {}
+        #: Images kept by a pause whose changed ranges are not read yet: not cloned until then.
+        self._unread: dict[UUID, asyncio.Event] = {}
 
     def clear(self) -> None:
         """Remove half-imported files (blocking; at start, before any VM runs)."""
         shutil.rmtree(self.scratch, ignore_errors=True)
         self.scratch.mkdir(parents=True, exist_ok=True)
 
+    async def forget_if_rebooted(self) -> None:
+        """Drop every memory image when the host restarted since they were made (at start,
+        once the disk store is open, before any VM runs)."""
+        now = boot_id()
+        try:
+            then = await asyncio.to_thread(self._boot_marker.read_text)
+        except FileNotFoundError:
+            then = ""
+        if then.strip() != now:
+            images = [t for t in self._disks.templates() if t.startswith(PREFIX)]
+            for image_id in images:
+                with contextlib.suppress(NotFound):
+                    await self._disks.delete_template(image_id)
+            if images:
+                _log.warning("memory.images_dropped_after_reboot", images=len(images))
+            await asyncio.to_thread(self._boot_marker.write_text, now)
+
     @staticmethod
     def image_id(build_id: UUID) -> str:
         return f"{PREFIX}{build_id}"
+
+    def image_path(self, build_id: UUID) -> Path:
+        return self._disks.template_path(self.image_id(build_id))
 
     async def image(self, build_id: UUID) -> str:
         """The disk-store image holding ``build_id``'s memory, imported on first use."""
         image_id = self.image_id(build_id)
         async with self._locks.setdefault(build_id, asyncio.Lock()):
-            if not await asyncio.to_thread(self._disks.template_path(image_id).exists):
+            if not await asyncio.to_thread(self.image_path(build_id).exists):
                 flat = self.scratch / str(build_id)
                 try:
                     await self._store.materialize(build_id, "memfile", flat)
@@ -63,9 +94,16 @@ class MemoryImages:
                 _log.info("memory.imported", build_id=str(build_id))
         return image_id
 
+    async def has_image(self, build_id: UUID) -> bool:
+        return await asyncio.to_thread(self.image_path(build_id).exists)
+
     async def copy_for(self, build_id: UUID, vm: str) -> Path:
         """A VM's own copy of ``build_id``'s memory (a disk-store disk named ``<vm>.mem``);
-        ``delete_copy(vm)`` removes it once the VM is gone."""
+        ``delete_copy(vm)`` removes it once the VM is gone. Waits while the image is a pause's
+        whose changed ranges are not read yet."""
+        unread = self._unread.get(build_id)
+        if unread is not None:
+            await unread.wait()
         return await self._disks.clone(await self.image(build_id), f"{vm}.mem")
 
     def copy_path(self, vm: str) -> Path:
@@ -75,32 +113,55 @@ class MemoryImages:
         with contextlib.suppress(NotFound):
             await self._disks.delete(f"{vm}.mem")
 
-    async def adopt(self, build_id: UUID, vm: str) -> None:
-        """Make VM ``vm``'s memory copy ``build_id``'s image (a reflink). Only for a VM that
-        is gone and whose memory is exactly the build's."""
-        image_id = self.image_id(build_id)
+    async def keep(self, build_id: UUID, vm: str) -> None:
+        """Make VM ``vm``'s memory copy ``build_id``'s image (a hard link). Only while the VM
+        is paused and its memory is exactly the build's; the VM must not run again unless
+        ``drop(build_id)`` comes first (the image *is* its memory). The image is not cloned
+        until ``changed_ranges(build_id)`` has read it."""
         async with self._locks.setdefault(build_id, asyncio.Lock()):
-            if not await asyncio.to_thread(self._disks.template_path(image_id).exists):
-                await self._disks.import_template(image_id, self.copy_path(vm))
+            self._unread[build_id] = asyncio.Event()
+            try:
+                await self._disks.adopt(f"{vm}.mem", self.image_id(build_id))
+            except BaseException:
+                self.allow_clones(build_id)
+                raise
+
+    async def changed_ranges(self, build_id: UUID) -> list[tuple[int, int]] | None:
+        """Byte ranges of a kept image that may differ from the memory its VM was restored
+        from: the extents it no longer shares with any file (the guest wrote them; see
+        ``VmMemory.changed_ranges``). None when the filesystem cannot tell. Clones of the image
+        are allowed from here on."""
+        try:
+            return await asyncio.to_thread(extents.unshared_ranges, self.image_path(build_id))
+        except OSError as err:
+            _log.warning("memory.extents_unknown", build_id=str(build_id), error=str(err))
+            return None
+        finally:
+            self.allow_clones(build_id)
+
+    def allow_clones(self, build_id: UUID) -> None:
+        """Clones of a kept image may be made from here on (idempotent)."""
+        unread = self._unread.pop(build_id, None)
+        if unread is not None:
+            unread.set()
 
     async def drop(self, build_id: UUID) -> None:
         """Forget ``build_id``'s image (copies made from it keep their blocks)."""
         async with self._locks.setdefault(build_id, asyncio.Lock()):
             with contextlib.suppress(NotFound):
                 await self._disks.delete_template(self.image_id(build_id))
+            self.allow_clones(build_id)
         self._locks.pop(build_id, None)
 
 
 class VmMemory:
     """One VM's own memory copy, reflinked from ``source``'s image. ``release`` (once the VM
-    is gone) deletes it, after making it the image of ``keep_as`` when that is set."""
+    is gone) deletes it (an image ``keep`` made of it stays)."""
 
     def __init__(self, images: MemoryImages, vm: str, source: UUID) -> None:
         self._images = images
         self.vm = vm
         self.source = source
-        #: The build the VM's memory holds exactly (set once the VM will not run again).
-        self.keep_as: UUID | None = None
 
     @property
     def path(self) -> Path:
@@ -117,11 +178,9 @@ class VmMemory:
             _log.warning("memory.extents_unknown", vm=self.vm, error=str(err))
             return None
 
+    async def keep_as(self, build_id: UUID) -> None:
+        """``MemoryImages.keep``: this copy becomes ``build_id``'s image."""
+        await self._images.keep(build_id, self.vm)
+
     async def release(self) -> None:
-        if self.keep_as is not None:
-            try:
-                await self._images.adopt(self.keep_as, self.vm)
-            except (WrennError, OSError) as err:
-                # Resuming the build then imports its memory from the snapshot store.
-                _log.warning("memory.keep_failed", build_id=str(self.keep_as), error=str(err))
         await self._images.delete_copy(self.vm)
