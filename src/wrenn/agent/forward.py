@@ -5,7 +5,7 @@ reaches envd (49983) and the ports a sandbox serves.
 Two ways in, one behaviour:
 
 - the fast path (``Forwarder.route``, served by ``core.http1.FastPathProtocol``): plain HTTP
-  requests are relayed byte for byte, bodies spliced from socket to socket; the agent's
+  requests are relayed byte for byte, bodies moved socket to socket; the agent's
   connections into a guest are kept alive, and each is tracked by the sandbox's VM
   (``GuestConnections``) so that a pause or a stop closes it, idle or not;
 - the ASGI app (``Forwarder.__call__``): WebSocket upgrades, relayed message by message and

@@ -28,10 +28,10 @@ What a request gets when it cannot be forwarded (bodies ``{code, message}``):
 
 Two ways in, one behaviour: ``route`` is the fast path (``core.http1``, how ``wrenn-cp`` serves
 the proxy port and sandbox traffic on the API port): a plain HTTP request is looked up and
-checked as above, then relayed byte for byte to the host agent, bodies spliced from socket to
-socket, over kept-alive connections. WebSocket upgrades, HTTP/1.0, hosts reached over TLS and
-connections uvicorn serves already (one that carried an API call first) take the ASGI app
-(``__call__``), which relays through ``relay`` and ``upstream``.
+checked as above, then relayed byte for byte to the host agent, bodies moved socket to socket
+(``core.http1.wire``), over kept-alive connections. WebSocket upgrades, HTTP/1.0, hosts
+reached over TLS and connections uvicorn serves already (one that carried an API call first)
+take the ASGI app (``__call__``), which relays through ``relay`` and ``upstream``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ host agent's forwarding path: heads are parsed, bodies are moved from socket to 
     body      one body moved as framed: length, chunks, until close
     head      heads parsed (httptools) and written
     pool      upstream connections kept alive
-    wire      one socket driven by the loop; splice(2) between two
+    wire      one socket driven by the loop; bodies moved between two (splice or one buffer)
 
 Imports nothing of the project but ``core.errors`` and ``log``.
 """

@@ -2,9 +2,10 @@
 or the rest of the connection.
 
 A chunked body is passed on verbatim (sizes, extensions and trailers as sent) while its framing
-is followed, so the relay knows where it ends: chunk data past ``wire.SPLICE_MIN_BYTES`` is
-spliced, the rest copied. Whatever has arrived is passed on before waiting for more, so a
-stream (Connect server streams, process output) flows unbuffered.
+is followed, so the relay knows where it ends: chunk data past ``wire.PUMP_MIN_BYTES`` is
+pumped socket to socket (``wire.move``), the rest passed on from the read buffer. Whatever
+has arrived is passed on before waiting for more, so a stream (Connect server streams, process
+output) flows unbuffered.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 
 from wrenn.core.http1.head import Framing
-from wrenn.core.http1.wire import READ_BYTES, SPLICE_MIN_BYTES, Broken, Truncated, Wire, move
+from wrenn.core.http1.wire import PUMP_MIN_BYTES, READ_BYTES, Broken, Truncated, Wire, move
 
 #: Longest chunk size line (with extensions) or trailer section accepted.
 _MAX_LINE_BYTES = 16 * 1024
@@ -92,7 +93,7 @@ class _Chunks:
             if not size:
                 break
             await self.flush()
-            if size >= SPLICE_MIN_BYTES and self.dst is not None:
+            if size >= PUMP_MIN_BYTES and self.dst is not None:
                 await move(self.src, self.dst, size)
                 break
             if not await self.src.fill(min(size + _MAX_LINE_BYTES, READ_BYTES)):
