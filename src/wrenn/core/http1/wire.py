@@ -333,40 +333,49 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
         _pipes.give(pipe, empty=queued == 0)
 
 
-#: The buffer of a copying pump.
+#: The buffer of a copying pump, and how many are kept for the next ones (a pump holds one
+#: only while it runs: sharing across threads is safe, list.pop and append are atomic).
 _COPY_BYTES = 1 << 20
+_SPARE_BUFFERS = 8
+_buffers: list[memoryview] = []
 
 
 async def _copy_pump(src: Wire, dst: Wire, n: int | None) -> None:
     """``_pump`` through one buffer of this process: read as much as is there, write it all,
     again."""
-    buffer = bytearray(_COPY_BYTES)
-    view = memoryview(buffer)
-    remaining = n if n is not None else -1
-    while remaining:
-        if src.closed or dst.closed:
-            raise Broken(src if src.closed else dst, "closed")
-        want = _COPY_BYTES if remaining < 0 else min(remaining, _COPY_BYTES)
-        try:
-            got = src.sock.recv_into(view[:want])
-        except BlockingIOError:
-            await src.readable()
-            continue
-        except OSError as err:
-            raise Broken(src, f"read failed: {err.strerror}") from err
-        if not got:
-            if remaining > 0:
-                raise Truncated(src, f"ended {remaining} bytes short")
-            return
-        if remaining > 0:
-            remaining -= got
-        out = view[:got]
-        while out:
+    try:
+        view = _buffers.pop()
+    except IndexError:
+        view = memoryview(bytearray(_COPY_BYTES))
+    try:
+        remaining = n if n is not None else -1
+        while remaining:
+            if src.closed or dst.closed:
+                raise Broken(src if src.closed else dst, "closed")
+            want = _COPY_BYTES if remaining < 0 else min(remaining, _COPY_BYTES)
             try:
-                sent = dst.sock.send(out)
+                got = src.sock.recv_into(view[:want])
             except BlockingIOError:
-                await dst.writable()
+                await src.readable()
                 continue
             except OSError as err:
-                raise Broken(dst, f"write failed: {err.strerror}") from err
-            out = out[sent:]
+                raise Broken(src, f"read failed: {err.strerror}") from err
+            if not got:
+                if remaining > 0:
+                    raise Truncated(src, f"ended {remaining} bytes short")
+                return
+            if remaining > 0:
+                remaining -= got
+            out = view[:got]
+            while out:
+                try:
+                    sent = dst.sock.send(out)
+                except BlockingIOError:
+                    await dst.writable()
+                    continue
+                except OSError as err:
+                    raise Broken(dst, f"write failed: {err.strerror}") from err
+                out = out[sent:]
+    finally:
+        if len(_buffers) < _SPARE_BUFFERS:
+            _buffers.append(view)
