@@ -8,6 +8,7 @@ when the test fails, and prints the serial console of its VMs on failure.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import itertools
 import json
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.integration.agent.agent_harness import AgentHome
+from tests.integration.agent.agent_harness import Agent, AgentHome
 from wrenn.agent.images import GuestImage, build_base
 from wrenn.agent.vmm.base import NetworkAttachment, VmConfig
 from wrenn.agent.vmm.qemu import QemuVmm
@@ -270,3 +271,37 @@ def agent_home(base_image: GuestImage) -> Iterator[AgentHome]:
         yield home
     finally:
         home.scrub()
+
+
+#: Forced, so that restarts skip the accelerator probe (test_agent exercises it).
+QEMU_TCG = {"runtime": "qemu", "qemu_accel": "tcg"}
+
+
+class Agents:
+    """Agents started by one test, all stopped (by PID) at its end; logs printed on failure."""
+
+    def __init__(self, home: AgentHome) -> None:
+        self.home = home
+        self.started: list[Agent] = []
+
+    async def start(self, **settings: str) -> Agent:
+        agent = await asyncio.to_thread(Agent, self.home, **{**QEMU_TCG, **settings})
+        self.started.append(agent)
+        return agent
+
+    async def stop(self, agent: Agent) -> None:
+        await asyncio.to_thread(agent.stop)
+
+
+@pytest.fixture
+async def agents(agent_home: AgentHome, request: pytest.FixtureRequest) -> AsyncIterator[Agents]:
+    agents = Agents(agent_home)
+    try:
+        yield agents
+    finally:
+        for agent in agents.started:
+            await agents.stop(agent)
+        rep = getattr(request.node, "rep_call", None)
+        if rep is None or rep.failed:
+            for agent in agents.started:
+                sys.stderr.write(f"--- agent log ---\n{agent.logs()[-20000:]}\n")

@@ -8,9 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,43 +16,12 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 
 from tests.integration.agent.agent_harness import Agent, AgentHome, Leftovers
+from tests.integration.agent.conftest import Agents
 from wrenn.gen.hostagent import hostagent_pb as pb
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
 CYCLES = 20
-#: Forced, so that restarts skip the accelerator probe (test_agent exercises it).
-QEMU_TCG = {"runtime": "qemu", "qemu_accel": "tcg"}
-
-
-class Agents:
-    """Agents started by one test, all stopped (by PID) at its end; logs printed on failure."""
-
-    def __init__(self, home: AgentHome) -> None:
-        self.home = home
-        self.started: list[Agent] = []
-
-    async def start(self, **settings: str) -> Agent:
-        agent = await asyncio.to_thread(Agent, self.home, **{**QEMU_TCG, **settings})
-        self.started.append(agent)
-        return agent
-
-    async def stop(self, agent: Agent) -> None:
-        await asyncio.to_thread(agent.stop)
-
-
-@pytest.fixture
-async def agents(agent_home: AgentHome, request: pytest.FixtureRequest) -> AsyncIterator[Agents]:
-    agents = Agents(agent_home)
-    try:
-        yield agents
-    finally:
-        for agent in agents.started:
-            await agents.stop(agent)
-        rep = getattr(request.node, "rep_call", None)
-        if rep is None or rep.failed:
-            for agent in agents.started:
-                sys.stderr.write(f"--- agent log ---\n{agent.logs()[-20000:]}\n")
 
 
 def idle(home: AgentHome, counted: Leftovers) -> None:

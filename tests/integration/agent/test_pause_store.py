@@ -22,7 +22,8 @@ import pytest
 from e2b import AsyncSandbox
 
 from tests.integration.agent.agent_harness import Agent, AgentHome, Leftovers
-from tests.integration.agent.test_leaks import Agents, gone, idle
+from tests.integration.agent.conftest import Agents
+from tests.integration.agent.test_leaks import gone, idle
 from wrenn.gen.hostagent import hostagent_pb as pb
 from wrenn.gen.hostagent.hostagent_connect import HostAgentClient
 
@@ -34,20 +35,6 @@ DIRTY_MIB = 100
 STORED_TIMEOUT_S = 120.0
 #: How many pauses a test tries before giving up on landing its kill inside the store.
 KILL_ATTEMPTS = 5
-
-
-@pytest.fixture
-async def agents(agent_home: AgentHome, request: pytest.FixtureRequest) -> AsyncIterator[Agents]:
-    agents = Agents(agent_home)
-    try:
-        yield agents
-    finally:
-        for agent in agents.started:
-            await agents.stop(agent)
-        rep = getattr(request.node, "rep_call", None)
-        if rep is None or rep.failed:
-            for agent in agents.started:
-                print(f"--- agent log ---\n{agent.logs()[-20000:]}")
 
 
 async def _create(agent: Agent, sandbox_id: str, snapshot_id: str = "") -> None:
