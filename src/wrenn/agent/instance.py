@@ -5,7 +5,8 @@ any failure during ``start``) unwinds them all: VMM stopped, memory copy deleted
 directory removed, slot reset and returned.
 
     start(ColdBoot)   slot → run dir → VMM boots the image → envd /health (bounded)
-    start(FromBuild)  slot → run dir → memory copy → VMM restores the build → envd /health
+    start(FromBuild)  slot → run dir → memory copy (its working set read ahead) → VMM
+                      restores the build → the caller's first call (/init), or envd /health
 
 The slot is reset in the background after the VM is gone (``SlotPool.release_soon``).
 
