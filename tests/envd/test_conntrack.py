@@ -6,6 +6,7 @@ closing it (EOF or reset). Socket timeouts are safety nets, never assertions abo
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,6 +172,12 @@ def test_keep_alive_off_after_prepare_and_on_after_init(
 def test_prepare_is_idempotent(fresh_envd: EnvdProcess, conns: list[RawConn]) -> None:
     for _ in range(2):
         assert open_conn(fresh_envd, conns).request("POST", "/snapshot/prepare").status == 204
+    # The heap is collected and frozen once, by the first prepare (a template's, for every
+    # sandbox restored from it); later ones leave it alone.
+    prepared = [
+        json.loads(line) for line in fresh_envd.logs().splitlines() if '"snapshot.prepared"' in line
+    ]
+    assert [p["gc_collected"] is None for p in prepared] == [False, True]
     init = open_conn(fresh_envd, conns)
     assert init.request("POST", "/init", b"{}").status == 204
     assert init.request("GET", "/health").status == 204
