@@ -92,3 +92,22 @@ async def test_working_sets_prefetch_only_what_was_recorded(cold_file: Path) -> 
     assert await sets.prefetch(build, cold_file) == sum(n for _, n in recorded)
     sets.forget(build)
     assert sets.get(build) is None
+
+
+async def test_a_pause_build_inherits_its_parents_set(cold_file: Path) -> None:
+    import uuid
+
+    sets = workingset.WorkingSets()
+    template, pause, orphan = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    _read_pages(cold_file, [7, 8])
+    await sets.record(template, cold_file)
+
+    sets.inherit(pause, template)
+    sets.inherit(orphan, uuid.uuid4())  # a parent with nothing recorded: nothing inherited
+    sets.inherit(uuid.uuid4(), None)
+
+    assert sets.get(pause) == sets.get(template)
+    assert sets.get(orphan) is None
+    sets.forget(pause)
+    assert sets.get(pause) is None
+    assert sets.get(template) is not None

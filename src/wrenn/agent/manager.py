@@ -581,6 +581,7 @@ class Manager:
                     self.pending.add(
                         build_id, captured.parent, extents_known=captured.extents_known
                     )
+                    self._require_host().working_sets.inherit(build_id, captured.parent)
                 try:
                     await sandbox.stop_instance()
                     steps.mark("stop")
@@ -607,7 +608,7 @@ class Manager:
         sandbox that cannot go on is marked failed."""
         try:
             if drop is not None:
-                await self.memory.drop(drop)
+                await self._drop_memory(drop)
                 await self.store.release(drop)
             if vm.vmm.state is VmState.PAUSED:
                 await vm.vmm.resume()
@@ -780,6 +781,12 @@ class Manager:
                     todo.append(parent)
         return referenced
 
+    async def _drop_memory(self, build_id: uuid.UUID) -> None:
+        """Forget ``build_id``'s memory image and the working set recorded for it."""
+        await self.memory.drop(build_id)
+        if self._host is not None:
+            self._host.working_sets.forget(build_id)
+
     async def collect_garbage(self) -> None:
         """Delete snapshot builds (stored or held) and template disk images nothing refers
         to: no template, named snapshot, sandbox or pending store, and no other build reading
@@ -790,7 +797,7 @@ class Manager:
             for held in await self.store.held():
                 if held.build_id not in referenced:
                     await self.store.release(held.build_id)
-                    await self.memory.drop(held.build_id)
+                    await self._drop_memory(held.build_id)
                     self.pending.forget(held.build_id)
                     deleted.append(held.build_id)
             while True:
@@ -801,7 +808,7 @@ class Manager:
                     if await self.store.dependents(build_id):
                         continue
                     await self.store.delete(build_id)
-                    await self.memory.drop(build_id)
+                    await self._drop_memory(build_id)
                     self.pending.forget(build_id)
                     deleted.append(build_id)
                     progress = True

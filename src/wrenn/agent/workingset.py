@@ -8,7 +8,8 @@ time. Those pages are nearly the same for every sandbox of a template: the first
 from a build after the agent starts records them (the pages of its copy in the page cache once
 it answered), and each later copy gets them asked for (``POSIX_FADV_WILLNEED``) right after it
 is cloned, while QEMU starts. The guest then finds them cached; nothing else is read, so what a
-sandbox holds stays what it touches.
+sandbox holds stays what it touches. A pause build inherits its parent's set: its resume
+restores the same kernel and envd and answers the same /init.
 
 Recorded sets live in memory only (an agent restart records them again) and are tiny: a few
 hundred byte ranges per build.
@@ -20,6 +21,7 @@ import asyncio
 import ctypes
 import mmap
 import os
+import re
 from pathlib import Path
 from uuid import UUID
 
@@ -47,6 +49,8 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_RESIDENT = bytes(i & 1 for i in range(256))
+_RUN = re.compile(rb"\x01+")
 
 
 def resident_ranges(path: Path) -> Ranges:
@@ -69,18 +73,13 @@ def resident_ranges(path: Path) -> Ranges:
             _libc.munmap(addr, size)
     finally:
         os.close(fd)
-    ranges: Ranges = []
-    start = None
-    for page, flag in enumerate(resident):
-        if flag & 1:
-            if start is None:
-                start = page
-        elif start is not None:
-            ranges.append((start * _PAGE, (page - start) * _PAGE))
-            start = None
-    if start is not None:
-        ranges.append((start * _PAGE, min(size, len(resident) * _PAGE) - start * _PAGE))
-    return ranges
+    # mincore sets bit 0 of a page's byte when it is resident (the other bits are reserved):
+    # runs of resident pages found in C, not page by page.
+    flags = resident.translate(_RESIDENT)
+    return [
+        (run.start() * _PAGE, min(size, run.end() * _PAGE) - run.start() * _PAGE)
+        for run in _RUN.finditer(flags)
+    ]
 
 
 def read_ahead(path: Path, ranges: Ranges) -> int:
@@ -109,6 +108,14 @@ class WorkingSets:
 
     def get(self, build_id: UUID) -> Ranges | None:
         return self._sets.get(build_id)
+
+    def inherit(self, build_id: UUID, parent: UUID | None) -> None:
+        """``build_id`` (a pause of a VM restored from ``parent``) gets ``parent``'s working
+        set: restoring it and answering /init touch the guest's kernel and envd where the
+        parent's restore did."""
+        ranges = self._sets.get(parent) if parent is not None else None
+        if ranges is not None:
+            self._sets.setdefault(build_id, ranges)
 
     def forget(self, build_id: UUID) -> None:
         self._sets.pop(build_id, None)
