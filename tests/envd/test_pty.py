@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import pwd
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import psutil
 import pytest
 from e2b import CommandExitException, CommandHandle, InvalidArgumentException, Sandbox
 from e2b.sandbox.commands.command_handle import PtySize
@@ -43,6 +46,22 @@ class Terminal:
         return out.decode(errors="replace").rsplit(f"</{tag}-1>", 1)[0].strip()
 
 
+def wait_for_foreground(shell_pid: int, name: str, timeout_s: float = 10.0) -> None:
+    """Until a child of ``shell_pid`` called ``name`` leads the terminal's foreground process
+    group (envd runs on this host in these tests: /proc shows its processes)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process(shell_pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess, OSError):
+                stat = Path(f"/proc/{child.pid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                pgrp, tpgid = int(fields[2]), int(fields[5])
+                if child.name() == name and pgrp == tpgid:
+                    return
+        time.sleep(0.01)
+    raise AssertionError(f"{name} never became the terminal's foreground job")
+
+
 @contextlib.contextmanager
 def terminal(
     sandbox: Sandbox, rows: int = 24, cols: int = 80, user: str | None = None
@@ -70,6 +89,9 @@ def test_pty_is_the_controlling_terminal(sandbox: Sandbox) -> None:
         # Ctrl-C reaches the foreground job through the terminal, not the shell.
         term.type("sleep 300")
         term.read_until(b"sleep 300")
+        # Until bash has made sleep's group the terminal's foreground group, a Ctrl-C would
+        # reach bash itself (which ignores it) and sleep would run on.
+        wait_for_foreground(term.pid, "sleep")
         sandbox.pty.send_stdin(term.pid, b"\x03")
         assert term.run("echo survived", "b") == "survived"
 
