@@ -12,7 +12,7 @@ import pytest
 from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from e2b import Sandbox
-from e2b.api.client.models import SandboxLogs, SandboxMetric
+from e2b.api.client.models import SandboxLogs, SandboxLogsV2Response, SandboxMetric
 
 from tests.controlplane.conftest import Stack, wait_for
 from wrenn.controlplane.sampler import MetricsSampler
@@ -187,6 +187,48 @@ def test_logs_come_from_the_host_agent(stack: Stack) -> None:
     error(stack.admin.get("/sandboxes/inope/logs"), 404, "not_found")
     _, other_key = stack.new_team("other")
     error(stack.client(other_key).get(f"/sandboxes/{sid}/logs"), 404, "not_found")
+
+
+def logs_v2(stack: Stack, sandbox_id: str, **params: int | str) -> list[str]:
+    resp = stack.admin.get(f"/v2/sandboxes/{sandbox_id}/logs", params=params)
+    assert resp.status_code == 200, resp.text
+    return [e.message for e in SandboxLogsV2Response.from_dict(resp.json()).logs]
+
+
+def test_logs_v2_filter_by_cursor_direction_level_and_search(stack: Stack) -> None:
+    sid = create(stack)
+    agent = stack.host_of(sid).agent
+    agent.log(sid, "envd.started", at_ms=1_700_000_000_000, port="49983")
+    agent.log(sid, "ports.forward_failed", level="warn", at_ms=1_700_000_001_000, port="8080")
+    agent.log(sid, "process.debug", level="debug", at_ms=1_700_000_001_500)
+    agent.log(sid, "watch.failed", level="error", at_ms=1_700_000_002_500)
+
+    everything = ["envd.started", "ports.forward_failed", "process.debug", "watch.failed"]
+    assert logs_v2(stack, sid) == everything
+    assert logs_v2(stack, sid, direction="backward") == everything[::-1]
+    # cursor: unix ms, included; forward from it, backward up to it.
+    assert logs_v2(stack, sid, cursor=1_700_000_001_000) == everything[1:]
+    assert logs_v2(stack, sid, cursor=1_700_000_001_000, direction="backward") == [
+        "ports.forward_failed",
+        "envd.started",
+    ]
+    assert logs_v2(stack, sid, level="warn") == ["ports.forward_failed", "watch.failed"]
+    assert logs_v2(stack, sid, level="debug") == everything
+    # search: the message or a field's value.
+    assert logs_v2(stack, sid, search="failed") == ["ports.forward_failed", "watch.failed"]
+    assert logs_v2(stack, sid, search="8080") == ["ports.forward_failed"]
+    assert logs_v2(stack, sid, search="nothing like it") == []
+    assert logs_v2(stack, sid, limit=1, direction="backward") == ["watch.failed"]
+    assert logs_v2(stack, sid, limit=0) == []
+
+    for bad in ({"direction": "sideways"}, {"level": "loud"}, {"cursor": -1}, {"limit": 10_001}):
+        message = error(
+            stack.admin.get(f"/v2/sandboxes/{sid}/logs", params=bad), 400, "invalid_argument"
+        )
+        assert next(iter(bad)) in message
+    error(stack.admin.get("/v2/sandboxes/inope/logs"), 404, "not_found")
+    _, other_key = stack.new_team("other")
+    error(stack.client(other_key).get(f"/v2/sandboxes/{sid}/logs"), 404, "not_found")
 
 
 def test_logs_of_a_paused_sandbox_and_of_a_gone_host(stack: Stack) -> None:

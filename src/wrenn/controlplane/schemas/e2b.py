@@ -195,6 +195,15 @@ class SandboxLogs(_Model):
     log_entries: list[SandboxLogEntry] = Field(serialization_alias="logEntries")
 
 
+class SandboxLogsV2(_Model):
+    logs: list[SandboxLogEntry]
+
+
+class LogsDirection(StrEnum):
+    FORWARD = "forward"
+    BACKWARD = "backward"
+
+
 class Template(_Model):
     template_id: str = Field(serialization_alias="templateID")
     build_id: str = Field(serialization_alias="buildID")
