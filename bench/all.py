@@ -62,9 +62,9 @@ HEADLINES: tuple[Headline, ...] = (
         "controlplane",
         "100 MB through /files",
         None,
-        "up {1} MB/s ({2}x), down {3} MB/s ({4}x)",
+        "up {1} MB/s ({2}x, median {3}x), down {4} MB/s ({5}x, median {6}x)",
         label="/files: {0}",
-        note="ratio: direct / this",
+        note="ratio: direct / this (bests; median of rounds)",
     ),
     Headline(
         "uffd",

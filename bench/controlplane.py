@@ -19,8 +19,10 @@ What each row measures:
   client (the upload chunked, as a generator body is): straight to envd; through the host
   agent's forwarding path (the agent's own ``Forwarder`` on its fast path, in front of envd
   instead of a VM: the same hop a real agent adds); and through the proxy port in front of it
-  (E2b-Sandbox-Id routing), as ``wrenn-cp`` serves it. Best of five rounds, interleaved. The
-  ratio is direct throughput over proxied throughput (1.0: no cost). CPU seconds (user +
+  (E2b-Sandbox-Id routing), as ``wrenn-cp`` serves it. Ten rounds, each measuring every path
+  back to back. The ratio is direct throughput over proxied throughput (1.0: no cost), of the
+  best of each and, steadier on a shared machine, the median of the rounds' own ratios (a
+  slow spell slows both sides of a round's ratio). CPU seconds (user +
   system) of each process per transfer, the least of the rounds: what each hop costs whatever
   else competed for the cores meanwhile ("proxy" is the whole control plane process).
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +65,7 @@ CHUNK = 1 << 20
 #: The background workers at their default pace (the test stack polls much faster).
 PRODUCTION_PACE = {"lifecycle_interval_s": 1.0, "webhook_poll_s": 1.0}
 #: Transfers per path; the best counts (the machine is shared: fewer let noise decide).
-ROUNDS = 5
+ROUNDS = 10
 
 
 # --- the child: a control plane to measure ----------------------------------------------
@@ -370,18 +373,36 @@ def bench_list() -> None:
 
 
 def _throughput_table(runs: dict[str, list[Transfer]]) -> str:
-    best = {
-        name: (max(t.up_mb_s for t in ts), max(t.down_mb_s for t in ts))
-        for name, ts in runs.items()
-    }
-    direct_up, direct_down = next(iter(best.values()))
-    rows = [
-        [name, f"{up:,.0f}", f"{direct_up / up:.2f}", f"{down:,.0f}", f"{direct_down / down:.2f}"]
-        for name, (up, down) in best.items()
-    ]
+    """Best MB/s of each path and its ratio to the best direct one; beside it the median of
+    the rounds' own ratios (each round measures every path back to back, so what slows the
+    shared machine for a few seconds slows both sides of a round's ratio)."""
+    direct = next(iter(runs.values()))
+    rows = []
+    for name, ts in runs.items():
+        up, down = max(t.up_mb_s for t in ts), max(t.down_mb_s for t in ts)
+        paired_up = statistics.median(
+            d.up_mb_s / t.up_mb_s for d, t in zip(direct, ts, strict=True)
+        )
+        paired_down = statistics.median(
+            d.down_mb_s / t.down_mb_s for d, t in zip(direct, ts, strict=True)
+        )
+        best_up = max(t.up_mb_s for t in direct)
+        best_down = max(t.down_mb_s for t in direct)
+        rows.append(
+            [
+                name,
+                f"{up:,.0f}",
+                f"{best_up / up:.2f}",
+                f"{paired_up:.2f}",
+                f"{down:,.0f}",
+                f"{best_down / down:.2f}",
+                f"{paired_down:.2f}",
+            ]
+        )
     return table(
-        "100 MB through /files, best of each (MB/s; ratio = direct / this)",
-        ["path", "upload", "ratio", "download", "ratio"],
+        f"100 MB through /files, {len(direct)} rounds (MB/s: best of each; ratio = direct / this,"
+        " of the bests and the median of each round's own)",
+        ["path", "upload", "ratio", "median", "download", "ratio", "median"],
         rows,
     )
 
