@@ -464,9 +464,13 @@ async def test_release_resets_the_slot_for_the_next_sandbox(
     await asyncio.to_thread(dial_from_host, slot.sandbox_ip, ENVD_PORT)
     await asyncio.to_thread(double.dial, INTERNET_SERVER_IP, inet.server.port)
     assert await asyncio.to_thread(host_entries, slot) > 0
+    # A flow of the host's own, open across the reset: only the slot's are forgotten.
+    with loopback_flow() as port:
+        assert await asyncio.to_thread(loopback_entries, port) > 0
 
-    await pool.release(slot)
+        await pool.release(slot)
 
+        assert await asyncio.to_thread(loopback_entries, port) > 0
     assert slot.internet_access is False
     assert "accept" not in await asyncio.to_thread(nft.egress_rules, netns=slot.netns)
     assert await asyncio.to_thread(host_entries, slot) == 0
@@ -543,6 +547,28 @@ def tap_address(slot: Slot) -> str:
         (tap,) = ipr.get_links(ifname=TAP_NAME)
         (addr,) = ipr.get_addr(index=tap["index"], family=socket.AF_INET)
     return f"{addr.get('IFA_ADDRESS')}/{addr['prefixlen']}"
+
+
+@contextlib.contextmanager
+def loopback_flow() -> Iterator[int]:
+    """A TCP connection over 127.0.0.1 held open; yields the listener's port."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            with accepted:
+                client.sendall(b"x")
+                accepted.recv(1)
+                yield port
+
+
+def loopback_entries(port: int) -> int:
+    with contextlib.closing(Conntrack()) as ct:
+        return sum(
+            1
+            for entry in ct.dump_entries()
+            if entry.tuple_orig.daddr == "127.0.0.1" and entry.tuple_orig.dport == port
+        )
 
 
 def host_entries(slot: Slot) -> int:

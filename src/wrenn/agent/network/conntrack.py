@@ -38,8 +38,8 @@ def forget(addresses: Iterable[IPv4Address | IPv4Network], *, netns: str | None 
     hosts = [net.network_address for net in nets if net.prefixlen == net.max_prefixlen]
     wide = [net for net in nets if net.prefixlen != net.max_prefixlen]
 
-    def matches(address: Any) -> bool:
-        return address is not None and any(IPv4Address(address) in net for net in wide)
+    def within(address: Any, among: list[IPv4Network]) -> bool:
+        return address is not None and any(IPv4Address(address) in net for net in among)
 
     deleted = 0
     ct = Conntrack() if netns is None else Conntrack(netns=netns, flags=0)
@@ -47,12 +47,16 @@ def forget(addresses: Iterable[IPv4Address | IPv4Network], *, netns: str | None 
         stale: list[Any] = []
         for host in hosts:
             for side in ("saddr", "daddr"):
-                stale.extend(ct.dump_entries(tuple_orig=NFCTAttrTuple(**{side: str(host)})))
+                found = ct.dump_entries(tuple_orig=NFCTAttrTuple(**{side: str(host)}))
+                # Checked again here: a kernel older than 5.8 ignores the filter and dumps
+                # every entry (slower, never wrong).
+                mine = [IPv4Network(host)]
+                stale.extend(e for e in found if within(getattr(e.tuple_orig, side), mine))
         if wide:
             stale.extend(
                 entry
                 for entry in ct.dump_entries()
-                if matches(entry.tuple_orig.saddr) or matches(entry.tuple_orig.daddr)
+                if within(entry.tuple_orig.saddr, wide) or within(entry.tuple_orig.daddr, wide)
             )
         for entry in stale:
             try:
