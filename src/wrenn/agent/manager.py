@@ -636,6 +636,9 @@ class Manager:
             build_id = record.build_id
             sandbox.state = SandboxState.STARTING
             steps = Steps()
+            # A pause not stored yet: the VM takes its kept image back, still cached, instead
+            # of waiting for it to be written back so that it can be copied.
+            lineage = self.pending.take_over(build_id) if host.runtime.flat_memory else None
             try:
                 resumed = record.model_copy(
                     update={
@@ -649,17 +652,23 @@ class Manager:
                         host,
                         name=sandbox_id,
                         shape=self._shape_of(resumed, self.disks.disk_path(record.disk_id)),
-                        source=FromBuild(build_id),
+                        source=FromBuild(build_id, take_image=lineage),
                         envd_access_token=record.envd_access_token,
                         first_call=functools.partial(self._init, resumed),
                         steps=steps,
                     )
                     sandbox.instance = vm
-                    sandbox.parent_build = build_id
+                    sandbox.parent_build = lineage or build_id
                     await self.guest_logs.attach(sandbox_id, console_path(vm.vmm), sandbox.stack)
                     sandbox.record = resumed
             except BaseException:
                 await finish(sandbox.stop_instance())
+                if lineage is not None and not await self.memory.has_image(build_id):
+                    # The build's memory was given to the VM that failed: nothing to resume.
+                    _log.error("sandbox.failed", sandbox_id=sandbox_id, build_id=str(build_id))
+                    sandbox.state = SandboxState.FAILED
+                    await finish(self.catalog.sandboxes.delete(sandbox_id))
+                    raise
                 sandbox.record = record
                 sandbox.state = SandboxState.PAUSED
                 raise

@@ -106,6 +106,18 @@ class MemoryImages:
             await unread.wait()
         return await self._disks.clone(await self.image(build_id), f"{vm}.mem")
 
+    async def take(self, build_id: UUID, vm: str) -> Path:
+        """Make ``build_id``'s kept image VM ``vm``'s own memory (``<vm>.mem``, a second name
+        for the same file, page cache and all) and forget the image: the VM will write it, so
+        the build can never be restored again. Only for a pause build whose store was called
+        off (``PendingBuilds.take_over``)."""
+        async with self._locks.setdefault(build_id, asyncio.Lock()):
+            dest = await self._disks.link_template(self.image_id(build_id), f"{vm}.mem")
+            with contextlib.suppress(NotFound):
+                await self._disks.delete_template(self.image_id(build_id))
+            self.allow_clones(build_id)
+        return dest
+
     def copy_path(self, vm: str) -> Path:
         return self._disks.disk_path(f"{vm}.mem")
 

@@ -25,6 +25,10 @@ Invariants:
 - Everything that needs the build *stored* waits for it (``stored``): a named snapshot of a
   sandbox resumed from it, the store of a later pause. A resume does not: it restores from the
   kept image and the held state. A destroy ``abandon``s it: skipped unless it has begun.
+- A resume that comes before the store has begun reading the kept image takes the image back
+  (``take_over``): the store is called off and the VM maps the image itself, so the build can
+  never be restored again and is left to the collector; the VM's memory descends from the
+  build's parent, whose extent map still tells what its guest wrote.
 - ``close`` waits for every store under way (they end; none is cut short).
 - An agent that dies before a build is stored finds it held at its next start, in the same
   boot, with its image: the store is redone from there (comparing all of the memory with the
@@ -61,6 +65,8 @@ class _Pending:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     #: Nobody wants the build any more (its sandbox is being destroyed): skip the store.
     abandoned: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The store has begun reading the kept image: it can no longer be taken over.
+    committed: bool = False
 
 
 class PendingBuilds:
@@ -133,6 +139,26 @@ class PendingBuilds:
             pending.abandoned.set()
             await pending.done.wait()
 
+    def take_over(self, build_id: UUID | None) -> UUID | None:
+        """Call off the store of ``build_id`` for a resume of its sandbox that maps the kept
+        image itself (``MemoryImages.take``) rather than a copy of it. Possible until the
+        store has begun reading the image, and only where the image's extent map tells what
+        its guest wrote since it was reflinked from the parent's (the resumed VM's next pause
+        reads it against that parent). Returns the parent, whose descendant the VM's memory
+        then is; None when the store cannot be called off (the resume copies the image)."""
+        pending = self._builds.get(build_id) if build_id is not None else None
+        if (
+            pending is None
+            or pending.committed
+            or pending.abandoned.is_set()
+            or not pending.extents_known
+            or pending.parent is None
+        ):
+            return None
+        pending.abandoned.set()
+        _log.info("snapshot.store_taken_over", build_id=str(build_id))
+        return pending.parent
+
     def forget(self, build_id: UUID) -> None:
         """Forget why a build's store failed (the build is being deleted)."""
         self._failed.pop(build_id, None)
@@ -159,6 +185,8 @@ class PendingBuilds:
             if p.abandoned.is_set():
                 _log.info("snapshot.store_abandoned", build_id=str(p.build_id))
                 return
+            p.committed = True
+            _log.info("snapshot.storing", build_id=str(p.build_id))
             memfile = self._memory.image_path(p.build_id)
             manifest = await self._store.complete(
                 p.build_id,

@@ -124,6 +124,13 @@ async def _until_stored(home: AgentHome, build_id: str) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _until_event(agent: Agent, name: str, build_id: str) -> None:
+    deadline = time.monotonic() + STORED_TIMEOUT_S
+    while build_id not in [e.get("build_id") for e in _events(agent, name)]:
+        assert time.monotonic() < deadline, f"no {name} for build {build_id}"
+        await asyncio.sleep(0.05)
+
+
 def _events(agent: Agent, name: str) -> list[dict[str, object]]:
     out = []
     for line in agent.logs().splitlines():
@@ -166,24 +173,38 @@ async def _template_only(agent: Agent) -> None:
 async def test_resume_snapshot_and_destroy_while_the_pause_is_being_stored(
     agents: Agents,
 ) -> None:
-    """A resume sent as soon as the pause answers restores from the kept memory image and the
-    held state; a named snapshot of the resumed sandbox waits for the build it diffs over; a
-    sandbox spawned from it has the memory; a sandbox destroyed while its pause is stored
-    leaves nothing."""
+    """A resume sent as soon as the pause answers takes the kept memory image back (the
+    store is called off) and restores from it and the held state; one sent once the store
+    has begun restores from a copy, and a named snapshot of that sandbox waits for the build
+    it diffs over; a sandbox spawned from it has the memory; a sandbox destroyed while its
+    pause is stored leaves nothing."""
     home = agents.home
     agent = await agents.start()
     await _create(agent, "ps-a")
     written = await _dirty(agent, "ps-a", "1")
     build = await _pause(agent, "ps-a")
-    in_flight = not _stored(home, build)
     await _resume(agent, "ps-a")
-    print(f"resumed while the pause's build was being stored: {in_flight}")
     assert await _digests(agent, "ps-a", list(written)) == written
-    await _until_stored(home, build)
+    taken = [e["build_id"] for e in _events(agent, "snapshot.store_taken_over")]
+    print(f"the resume took the memory back: {build in taken}")
+    if build in taken:
+        await _until_event(agent, "snapshot.store_abandoned", build)
+        assert not _stored(home, build)
+    else:  # the store had begun already (a fast write-back)
+        await _until_stored(home, build)
+    # Its next pause diffs over what it was restored from: still all there after a resume
+    # from the stored build.
+    written |= await _dirty(agent, "ps-a", "1b")
+    again = await _pause(agent, "ps-a")
+    await _until_stored(home, again)
+    await _resume(agent, "ps-a")
+    assert await _digests(agent, "ps-a", list(written)) == written
 
     written |= await _dirty(agent, "ps-a", "2")
     second = await _pause(agent, "ps-a")
+    await _until_event(agent, "snapshot.storing", second)
     await _resume(agent, "ps-a")
+    assert second not in [e["build_id"] for e in _events(agent, "snapshot.store_taken_over")]
     async with _client(agent) as client:
         await client.create_snapshot(
             pb.CreateSnapshotRequest(sandbox_id="ps-a", snapshot_id="ps-snap")

@@ -208,6 +208,19 @@ class DiskStore:
             raise NotFound(f"disk {disk_id} not found") from err
         return dest
 
+    async def link_template(self, template_id: str, disk_id: str) -> Path:
+        """``adopt`` the other way round: template ``template_id`` becomes sandbox disk
+        ``disk_id`` as well (a hard link). Only for a template nothing will clone any more:
+        the disk's writes are the template's."""
+        self._require_open()
+        src = self.template_path(template_id)
+        dest = self.disk_path(disk_id)
+        try:
+            await asyncio.to_thread(self._publish, src, dest, f"disk {disk_id}")
+        except FileNotFoundError as err:
+            raise NotFound(f"template {template_id} not found") from err
+        return dest
+
     def templates(self) -> list[str]:
         """Ids of every template in the store."""
         self._require_open()
