@@ -126,8 +126,19 @@ def test_sandbox_events_reach_the_team_signed(stack: Stack, receiver: Receiver) 
         assert got.event["data"]["sandboxID"] == sid
         assert got.event["data"]["metadata"] == {"k": "v"}
         assert got.event["id"].startswith("evt_")
-    # Committed in order, so recorded in order.
-    deliveries = me.get(f"/v1/channels/{channel['channelID']}/deliveries").json()
+
+    # Committed in order, so recorded in order (each outcome is recorded once the receiver has
+    # answered: a delivery just received may not be marked delivered yet).
+    def recorded() -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = me.get(
+            f"/v1/channels/{channel['channelID']}/deliveries"
+        ).json()
+        return listed
+
+    wait_for(
+        lambda: all(d["status"] == "delivered" for d in recorded()), "four deliveries recorded"
+    )
+    deliveries = recorded()
     assert [d["eventType"] for d in reversed(deliveries)] == expected
     assert {(d["status"], d["attempts"], d["lastStatus"]) for d in deliveries} == {
         ("delivered", 1, 200)
