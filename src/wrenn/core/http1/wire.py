@@ -366,16 +366,7 @@ async def _copy_pump(src: Wire, dst: Wire, n: int | None) -> None:
                 return
             if remaining > 0:
                 remaining -= got
-            out = view[:got]
-            while out:
-                try:
-                    sent = dst.sock.send(out)
-                except BlockingIOError:
-                    await dst.writable()
-                    continue
-                except OSError as err:
-                    raise Broken(dst, f"write failed: {err.strerror}") from err
-                out = out[sent:]
+            await dst.send(view[:got])
     finally:
         if len(_buffers) < _SPARE_BUFFERS:
             _buffers.append(view)
