@@ -77,13 +77,13 @@ class ColdBoot:
 @dataclass(frozen=True)
 class FromBuild:
     """Restore a build (template, named snapshot, pause). QEMU: the VM gets a reflinked copy
-    of the build's memory image, or, with ``take_image``, the image itself."""
+    of the build's memory image, or, with ``taken``, the image itself."""
 
     build_id: uuid.UUID
     #: The build is a pause whose store was called off (``PendingBuilds.take_over``): the VM
-    #: maps the kept image itself, still cached from before the pause, and the build can never
-    #: be restored again. Its memory descends from ``take_image`` (the pause's parent).
-    take_image: uuid.UUID | None = None
+    #: maps the kept image itself (this, the paused VM's copy), still cached from before the
+    #: pause, and the build can never be restored again.
+    taken: VmMemory | None = None
 
 
 @dataclass(frozen=True)
@@ -312,11 +312,10 @@ async def start(
         )
         memfile: Path | None = None
         memory: VmMemory | None = None
-        if isinstance(source, FromBuild) and runtime.flat_memory and source.take_image:
-            memory = VmMemory(host.memory, run_dir.name, source.take_image)
-            memfile = await host.memory.take(source.build_id, memory.vm)
+        if isinstance(source, FromBuild) and runtime.flat_memory and source.taken:
+            memory = source.taken
+            memfile = memory.path
             stack.push_async_callback(memory.release)
-            steps.mark("memory")
         elif isinstance(source, FromBuild) and runtime.flat_memory:
             memory = VmMemory(host.memory, run_dir.name, source.build_id)
             memfile = await host.memory.copy_for(source.build_id, memory.vm)
@@ -351,7 +350,7 @@ async def start(
         stack.push_async_callback(envd.aclose)
         waited_s = await _wait_envd(runtime, vmm, envd, timeout_s, what, first_call)
         steps.mark("envd_health" if first_call is None else "init")
-        if memfile is not None and isinstance(source, FromBuild) and not source.take_image:
+        if memfile is not None and isinstance(source, FromBuild) and not source.taken:
             await host.working_sets.record(source.build_id, memfile)
     except BaseException:
         await finish(stack.aclose())

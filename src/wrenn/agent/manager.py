@@ -637,9 +637,15 @@ class Manager:
             sandbox.state = SandboxState.STARTING
             steps = Steps()
             # A pause not stored yet: the VM takes its kept image back, still cached, instead
-            # of waiting for it to be written back so that it can be copied.
-            lineage = self.pending.take_over(build_id) if host.runtime.flat_memory else None
+            # of waiting for it to be written back so that it can be copied. The build is
+            # then lost once the VM runs: its record goes first, so that an agent restarted
+            # meanwhile does not resume the sandbox from memory the VM has written.
+            taken = None
             try:
+                if host.runtime.flat_memory:
+                    taken = self.pending.take_over(build_id)
+                if taken is not None:
+                    await finish(self.catalog.sandboxes.delete(sandbox_id))
                 resumed = record.model_copy(
                     update={
                         "allow_internet_access": allow_internet_access,
@@ -652,19 +658,20 @@ class Manager:
                         host,
                         name=sandbox_id,
                         shape=self._shape_of(resumed, self.disks.disk_path(record.disk_id)),
-                        source=FromBuild(build_id, take_image=lineage),
+                        source=FromBuild(build_id, taken=taken),
                         envd_access_token=record.envd_access_token,
                         first_call=functools.partial(self._init, resumed),
                         steps=steps,
                     )
                     sandbox.instance = vm
-                    sandbox.parent_build = lineage or build_id
+                    sandbox.parent_build = taken.source if taken is not None else build_id
                     await self.guest_logs.attach(sandbox_id, console_path(vm.vmm), sandbox.stack)
                     sandbox.record = resumed
             except BaseException:
                 await finish(sandbox.stop_instance())
-                if lineage is not None and not await self.memory.has_image(build_id):
+                if taken is not None:
                     # The build's memory was given to the VM that failed: nothing to resume.
+                    await finish(taken.release())
                     _log.error("sandbox.failed", sandbox_id=sandbox_id, build_id=str(build_id))
                     sandbox.state = SandboxState.FAILED
                     await finish(self.catalog.sandboxes.delete(sandbox_id))

@@ -14,6 +14,11 @@ has read which blocks the guest wrote (``changed_ranges``: the extents the image
 shares with its parent's), the image is not cloned: a clone would share those blocks too, and
 the extent map could no longer tell them apart. ``copy_for`` waits for that.
 
+The paused VM's own name for that file stays while the build is being stored: a resume that
+comes first takes the image back (``take``) by mapping the file under that name, with no
+filesystem operation on it (a link or unlink would wait for the inode behind the write-back the
+store's extent read has started). The store lets go of the name when it ends (``let_go``).
+
 Images are written without fsync. They are caches of what the snapshot store holds (except a
 pause's image while its build is being stored, which is only recoverable in the same boot), so
 ``forget_if_rebooted`` drops them all when the host has restarted since they were made.
@@ -33,7 +38,7 @@ from wrenn import log
 from wrenn.agent.disks import DiskStore, extents
 from wrenn.agent.snapshots import SnapshotStore
 from wrenn.agent.snapshots.held import boot_id
-from wrenn.core.errors import NotFound
+from wrenn.core.errors import FailedPrecondition, NotFound
 
 _log = log.get(__name__)
 
@@ -50,6 +55,8 @@ class MemoryImages:
         self._locks: dict[UUID, asyncio.Lock] = {}
         #: Images kept by a pause whose changed ranges are not read yet: not cloned until then.
         self._unread: dict[UUID, asyncio.Event] = {}
+        #: Kept images whose paused VM's memory copy keeps its name (``keep``): the VM.
+        self._kept_names: dict[UUID, str] = {}
 
     def clear(self) -> None:
         """Remove half-imported files (blocking; at start, before any VM runs)."""
@@ -106,22 +113,36 @@ class MemoryImages:
             await unread.wait()
         return await self._disks.clone(await self.image(build_id), f"{vm}.mem")
 
-    async def take(self, build_id: UUID, vm: str) -> Path:
-        """Make ``build_id``'s kept image VM ``vm``'s own memory (``<vm>.mem``, a second name
-        for the same file, page cache and all) and forget the image: the VM will write it, so
-        the build can never be restored again. Only for a pause build whose store was called
-        off (``PendingBuilds.take_over``)."""
-        async with self._locks.setdefault(build_id, asyncio.Lock()):
-            dest = await self._disks.link_template(self.image_id(build_id), f"{vm}.mem")
+    def take(self, build_id: UUID, parent: UUID) -> VmMemory:
+        """Give ``build_id``'s kept image back as a VM's own memory, descending from
+        ``parent``'s: the paused VM's copy under its name, page cache and all; nothing on the
+        filesystem changes. The VM will write it, so the build can never be restored again:
+        the caller must make sure nothing restores it first, even after a restart of the agent
+        (its record gone). The image's own name goes with the build (``drop``, once the store's
+        extent read has ended). Only for a pause build whose store was called off
+        (``PendingBuilds.take_over``)."""
+        vm = self._kept_names.pop(build_id, None)
+        if vm is None:
+            raise FailedPrecondition(f"snapshot build {build_id} has no memory to take back")
+        self.allow_clones(build_id)
+        return VmMemory(self, vm, parent)
+
+    async def let_go(self, build_id: UUID) -> None:
+        """The store of ``build_id`` has ended without a take-over: the paused VM's name for
+        its kept image goes (the image stays)."""
+        vm = self._kept_names.pop(build_id, None)
+        if vm is not None:
             with contextlib.suppress(NotFound):
-                await self._disks.delete_template(self.image_id(build_id))
-            self.allow_clones(build_id)
-        return dest
+                await self._disks.delete(f"{vm}.mem")
 
     def copy_path(self, vm: str) -> Path:
         return self._disks.disk_path(f"{vm}.mem")
 
     async def delete_copy(self, vm: str) -> None:
+        """Delete VM ``vm``'s memory copy, unless it is a kept image's: that name stays
+        until the image is taken back or let go of."""
+        if vm in self._kept_names.values():
+            return
         with contextlib.suppress(NotFound):
             await self._disks.delete(f"{vm}.mem")
 
@@ -129,7 +150,8 @@ class MemoryImages:
         """Make VM ``vm``'s memory copy ``build_id``'s image (a hard link). Only while the VM
         is paused and its memory is exactly the build's; the VM must not run again unless
         ``drop(build_id)`` comes first (the image *is* its memory). The image is not cloned
-        until ``changed_ranges(build_id)`` has read it."""
+        until ``changed_ranges(build_id)`` has read it. The VM's copy keeps its name too,
+        for ``take`` (until ``let_go``)."""
         async with self._locks.setdefault(build_id, asyncio.Lock()):
             self._unread[build_id] = asyncio.Event()
             try:
@@ -137,6 +159,7 @@ class MemoryImages:
             except BaseException:
                 self.allow_clones(build_id)
                 raise
+            self._kept_names[build_id] = vm
 
     async def changed_ranges(self, build_id: UUID) -> list[tuple[int, int]] | None:
         """Byte ranges of a kept image that may differ from the memory its VM was restored
@@ -158,7 +181,9 @@ class MemoryImages:
             unread.set()
 
     async def drop(self, build_id: UUID) -> None:
-        """Forget ``build_id``'s image (copies made from it keep their blocks)."""
+        """Forget ``build_id``'s image (copies made from it keep their blocks). A name its
+        paused VM's copy kept is left to the VM (a failed pause runs on with it)."""
+        self._kept_names.pop(build_id, None)
         async with self._locks.setdefault(build_id, asyncio.Lock()):
             with contextlib.suppress(NotFound):
                 await self._disks.delete_template(self.image_id(build_id))

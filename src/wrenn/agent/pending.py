@@ -26,9 +26,11 @@ Invariants:
   sandbox resumed from it, the store of a later pause. A resume does not: it restores from the
   kept image and the held state. A destroy ``abandon``s it: skipped unless it has begun.
 - A resume that comes before the store has begun reading the kept image takes the image back
-  (``take_over``): the store is called off and the VM maps the image itself, so the build can
-  never be restored again and is left to the collector; the VM's memory descends from the
-  build's parent, whose extent map still tells what its guest wrote.
+  (``take_over``): the store is called off and the VM maps the image itself under the paused
+  VM's name (kept until the store ends, ``MemoryImages.let_go``), so the build can never be
+  restored again: the sandbox's record goes before the VM starts, the image's own name when
+  the store's extent read has ended, the held state with the collector. The VM's memory
+  descends from the build's parent, whose extent map still tells what its guest wrote.
 - ``close`` waits for every store under way (they end; none is cut short).
 - An agent that dies before a build is stored finds it held at its next start, in the same
   boot, with its image: the store is redone from there (comparing all of the memory with the
@@ -46,7 +48,8 @@ from typing import Any
 from uuid import UUID
 
 from wrenn import log
-from wrenn.agent.memory import MemoryImages
+from wrenn.agent.cleanup import finish
+from wrenn.agent.memory import MemoryImages, VmMemory
 from wrenn.agent.snapshots import DeviceInput, SnapshotStore
 from wrenn.agent.steps import Steps
 from wrenn.core.errors import FailedPrecondition, WrennError
@@ -67,6 +70,8 @@ class _Pending:
     abandoned: asyncio.Event = field(default_factory=asyncio.Event)
     #: The store has begun reading the kept image: it can no longer be taken over.
     committed: bool = False
+    #: A resumed VM took the kept image back (``take_over``).
+    taken: bool = False
 
 
 class PendingBuilds:
@@ -139,13 +144,13 @@ class PendingBuilds:
             pending.abandoned.set()
             await pending.done.wait()
 
-    def take_over(self, build_id: UUID | None) -> UUID | None:
+    def take_over(self, build_id: UUID | None) -> VmMemory | None:
         """Call off the store of ``build_id`` for a resume of its sandbox that maps the kept
         image itself (``MemoryImages.take``) rather than a copy of it. Possible until the
         store has begun reading the image, and only where the image's extent map tells what
         its guest wrote since it was reflinked from the parent's (the resumed VM's next pause
-        reads it against that parent). Returns the parent, whose descendant the VM's memory
-        then is; None when the store cannot be called off (the resume copies the image)."""
+        reads it against that parent). Returns the VM's memory, a descendant of the parent's;
+        None when the store cannot be called off (the resume copies the image)."""
         pending = self._builds.get(build_id) if build_id is not None else None
         if (
             pending is None
@@ -155,9 +160,11 @@ class PendingBuilds:
             or pending.parent is None
         ):
             return None
+        memory = self._memory.take(pending.build_id, pending.parent)
+        pending.taken = True
         pending.abandoned.set()
         _log.info("snapshot.store_taken_over", build_id=str(build_id))
-        return pending.parent
+        return memory
 
     def forget(self, build_id: UUID) -> None:
         """Forget why a build's store failed (the build is being deleted)."""
@@ -210,8 +217,18 @@ class PendingBuilds:
                 steps_ms=steps.ms,
             )
         finally:
-            del self._builds[p.build_id]
-            p.done.set()
+            # Taken over: the build's image name goes (the extent read that the name's
+            # removal would have waited behind has ended). Otherwise the paused VM's name.
+            try:
+                if p.taken:
+                    await finish(self._memory.drop(p.build_id))
+                else:
+                    await finish(self._memory.let_go(p.build_id))
+            except (WrennError, OSError) as err:
+                _log.warning("snapshot.memory_name_kept", build_id=str(p.build_id), error=str(err))
+            finally:
+                del self._builds[p.build_id]
+                p.done.set()
 
 
 async def _first(*waits: Coroutine[Any, Any, object], timeout_s: float) -> None:

@@ -2,8 +2,8 @@
 the VM's memory file kept as the build's memory image) and stored in the background. These
 tests drive real QEMU guests through a real ``wrenn-agent`` into every state that store can be
 in when something else comes: a resume, a named snapshot and a destroy while it runs, the
-agent stopped (SIGTERM) or killed (SIGKILL) while it runs and started again, and a restart
-that finds a hold from an earlier boot of the host.
+agent stopped (SIGTERM) or killed (SIGKILL) while it runs (or while a resume takes its memory
+back) and started again, and a restart that finds a hold from an earlier boot of the host.
 
 Each guest writes 100 MiB of random data to /dev/shm (memory only) and a file to its disk
 before the pause; after a resume both must read back with the digests they were written
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,16 @@ async def _until_event(agent: Agent, name: str, build_id: str) -> None:
         await asyncio.sleep(0.05)
 
 
+def _taken_over(agent: Agent, build_id: str) -> bool:
+    return build_id in [e["build_id"] for e in _events(agent, "snapshot.store_taken_over")]
+
+
+async def _first_of(task: asyncio.Task[None], check: Callable[[], bool]) -> None:
+    """Until ``task`` ends or ``check()`` holds (checked every 5 ms)."""
+    while not task.done() and not check():
+        await asyncio.wait({task}, timeout=0.005)
+
+
 def _events(agent: Agent, name: str) -> list[dict[str, object]]:
     out = []
     for line in agent.logs().splitlines():
@@ -185,9 +196,9 @@ async def test_resume_snapshot_and_destroy_while_the_pause_is_being_stored(
     build = await _pause(agent, "ps-a")
     await _resume(agent, "ps-a")
     assert await _digests(agent, "ps-a", list(written)) == written
-    taken = [e["build_id"] for e in _events(agent, "snapshot.store_taken_over")]
-    print(f"the resume took the memory back: {build in taken}")
-    if build in taken:
+    taken = _taken_over(agent, build)
+    print(f"the resume took the memory back: {taken}")
+    if taken:
         await _until_event(agent, "snapshot.store_abandoned", build)
         assert not _stored(home, build)
     else:  # the store had begun already (a fast write-back)
@@ -204,7 +215,7 @@ async def test_resume_snapshot_and_destroy_while_the_pause_is_being_stored(
     second = await _pause(agent, "ps-a")
     await _until_event(agent, "snapshot.storing", second)
     await _resume(agent, "ps-a")
-    assert second not in [e["build_id"] for e in _events(agent, "snapshot.store_taken_over")]
+    assert not _taken_over(agent, second)
     async with _client(agent) as client:
         await client.create_snapshot(
             pb.CreateSnapshotRequest(sandbox_id="ps-a", snapshot_id="ps-snap")
@@ -247,6 +258,39 @@ async def test_a_pause_survives_the_agent_killed_while_it_is_stored(agents: Agen
     assert await _digests(agent, "ps-k", list(written)) == written
     assert (await _sh(agent, "ps-k", f"kill -0 {pid} && echo alive")).strip() == "alive"
     await _destroy(agent, "ps-k")
+    await _template_only(agent)
+    idle(home, Leftovers.count(home))
+    await agents.stop(agent)
+    gone(Leftovers.count(home))
+
+
+async def test_an_agent_killed_during_a_take_over_never_resumes_from_that_memory(
+    agents: Agents,
+) -> None:
+    """SIGKILL while a resume that took the kept image back is restoring: the resumed VM
+    writes that image, so the build is lost with the sandbox (a running sandbox does not
+    outlive the agent). The agent started again must not list the sandbox as paused nor redo
+    the build's store from the written image; nothing of either is left."""
+    home = agents.home
+    agent = await agents.start()
+    await _create(agent, "ps-x")
+    for attempt in range(KILL_ATTEMPTS):
+        await _dirty(agent, "ps-x", str(attempt))
+        build = await _pause(agent, "ps-x")
+        resume = asyncio.create_task(_resume(agent, "ps-x"))
+        await _first_of(resume, functools.partial(_taken_over, agent, build))
+        if not resume.done():
+            agent.kill()
+            with contextlib.suppress(Exception):
+                await resume
+            break
+        await resume
+    else:
+        pytest.fail(f"no resume took the memory back while it ran ({KILL_ATTEMPTS} tries)")
+
+    agent = await agents.start()
+    assert not await _listing(agent)
+    assert not _events(agent, "snapshot.store_redone")
     await _template_only(agent)
     idle(home, Leftovers.count(home))
     await agents.stop(agent)

@@ -199,30 +199,14 @@ class DiskStore:
         """Make sandbox disk ``disk_id`` template ``template_id`` as well: the same file under a
         second name (a hard link: no copy, nothing written back). Only for a disk nothing
         writes any more; deleting the disk leaves the template."""
-        return await self._second_name(
-            self.disk_path(disk_id),
-            f"disk {disk_id}",
-            self.template_path(template_id),
-            f"template {template_id}",
-        )
-
-    async def link_template(self, template_id: str, disk_id: str) -> Path:
-        """``adopt`` the other way round: template ``template_id`` becomes sandbox disk
-        ``disk_id`` as well (a hard link). Only for a template nothing will clone any more:
-        the disk's writes are the template's."""
-        return await self._second_name(
-            self.template_path(template_id),
-            f"template {template_id}",
-            self.disk_path(disk_id),
-            f"disk {disk_id}",
-        )
-
-    async def _second_name(self, src: Path, src_what: str, dest: Path, dest_what: str) -> Path:
         self._require_open()
+        dest = self.template_path(template_id)
         try:
-            await asyncio.to_thread(self._publish, src, dest, dest_what)
+            await asyncio.to_thread(
+                self._publish, self.disk_path(disk_id), dest, f"template {template_id}"
+            )
         except FileNotFoundError as err:
-            raise NotFound(f"{src_what} not found") from err
+            raise NotFound(f"disk {disk_id} not found") from err
         return dest
 
     def templates(self) -> list[str]:
