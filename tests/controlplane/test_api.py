@@ -194,6 +194,28 @@ def test_agent_errors_keep_their_code(stack: Stack) -> None:
     assert c.post(f"/sandboxes/{sid}/pause").status_code == 204
 
 
+def test_a_sandbox_being_killed_is_gone_for_reads_and_a_kill_retries(stack: Stack) -> None:
+    """A kill whose host fails it leaves the sandbox stopping: GET, the listing and metrics
+    agree it is gone (a listing never omits what a GET still shows); a second kill retries
+    the host and ends it."""
+    from connectrpc.code import Code
+    from connectrpc.errors import ConnectError
+
+    c = stack.admin
+    agent = stack.hosts[0].agent
+    sid = create(c).sandbox_id
+    agent.fail_next["DestroySandbox"] = ConnectError(Code.UNAVAILABLE, "guest busy")
+    error(c.delete(f"/sandboxes/{sid}"), 503, "unavailable")
+    assert sid in agent.sandboxes
+    error(c.get(f"/sandboxes/{sid}"), 404, "not_found")
+    assert c.get("/v2/sandboxes").json() == []
+    assert c.get("/sandboxes").json() == []
+    error(c.post(f"/sandboxes/{sid}/pause"), 404, "not_found")
+    assert c.delete(f"/sandboxes/{sid}").status_code == 204
+    assert sid not in agent.sandboxes
+    error(c.delete(f"/sandboxes/{sid}"), 404, "not_found")
+
+
 def test_unreachable_host_is_unavailable(stack: Stack) -> None:
     c = stack.admin
     host = stack.hosts[0]

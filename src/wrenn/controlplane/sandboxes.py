@@ -43,7 +43,7 @@ from wrenn.gen.hostagent import hostagent_pb as pb
 _log = log.get(__name__)
 
 #: Any visible sandbox can be killed; a second kill of a stopping one retries the RPC.
-_KILLABLE = VISIBLE_STATES
+_KILLABLE = VISIBLE_STATES | {SandboxState.STOPPING}
 
 
 def _now() -> datetime:
@@ -133,12 +133,16 @@ class Sandboxes:
             )
         return timeout_s
 
-    async def get(self, team_id: str, sandbox_id: str) -> Sandbox:
+    async def get(
+        self, team_id: str, sandbox_id: str, states: frozenset[SandboxState] = VISIBLE_STATES
+    ) -> Sandbox:
+        """``team_id``'s sandbox ``sandbox_id`` if it is in one of ``states``, else
+        ``NotFound``."""
         if not ids.is_sandbox_id(sandbox_id):
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         async with self._db.transaction(read_only=True) as tx:
             sandbox = await tx.sandboxes.get(sandbox_id)
-        if sandbox is None or sandbox.team_id != team_id or sandbox.state not in VISIBLE_STATES:
+        if sandbox is None or sandbox.team_id != team_id or sandbox.state not in states:
             raise NotFound(f"sandbox {sandbox_id!r} not found")
         return sandbox
 
@@ -304,7 +308,7 @@ class Sandboxes:
     # --- kill -----------------------------------------------------------------------------
 
     async def kill(self, team_id: str, sandbox_id: str) -> None:
-        await self.kill_sandbox(await self.get(team_id, sandbox_id))
+        await self.kill_sandbox(await self.get(team_id, sandbox_id, _KILLABLE))
 
     async def kill_sandbox(self, sandbox: Sandbox) -> None:
         async with self._db.transaction() as tx:

@@ -14,7 +14,8 @@ class SandboxState(StrEnum):
 
     starting → running → pausing → paused → resuming → running; any → stopping → killed;
     starting/resuming → failed. Only running and paused (with their transitional states
-    folded in) are visible through the E2B API.
+    folded in) are visible through the E2B API: a sandbox being killed is gone for it already
+    (only a kill retried finds it).
     """
 
     STARTING = "starting"
@@ -31,7 +32,8 @@ class SandboxState(StrEnum):
 ACTIVE_STATES = frozenset(
     {SandboxState.STARTING, SandboxState.RUNNING, SandboxState.PAUSING, SandboxState.RESUMING}
 )
-#: States a client can see; killed and failed sandboxes are gone for the API.
+#: States a client can see; sandboxes being killed, killed and failed are gone for the API
+#: (GET, lists and metrics agree: a listing never omits what a GET still shows).
 VISIBLE_STATES = frozenset(
     {
         SandboxState.STARTING,
@@ -39,7 +41,6 @@ VISIBLE_STATES = frozenset(
         SandboxState.PAUSING,
         SandboxState.PAUSED,
         SandboxState.RESUMING,
-        SandboxState.STOPPING,
     }
 )
 
