@@ -3,6 +3,9 @@ own models (``from_dict``) so field names and types are what the SDK reads."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -12,6 +15,7 @@ from e2b.api.client.models import (
     Error,
     ListedSandbox,
     SandboxDetail,
+    SandboxForkResult,
     SandboxLogs,
     SandboxMetric,
     SnapshotInfo,
@@ -20,6 +24,7 @@ from e2b.api.client.models import (
 )
 from e2b.api.client.models import Sandbox as SandboxModel
 from e2b.api.client.models.sandbox_state import SandboxState
+from e2b.api.client.types import Unset
 
 from tests.controlplane.conftest import Stack
 from tests.controlplane.fake_agent import FakeHostAgent
@@ -268,6 +273,68 @@ def test_snapshots(stack: Stack) -> None:
     error(c.get(f"/v1/snapshots/{info.snapshot_id}"), 404, "not_found")
     assert c.delete(f"/v1/snapshots/{second.json()['snapshotID']}").status_code == 204
     assert c.get("/v1/snapshots").json() == []
+
+
+def test_fork(stack: Stack) -> None:
+    """One hidden snapshot of the source, ``count`` sandboxes from it with the source's
+    template, metadata and settings; each fork's outcome on its own; the snapshot deleted on
+    its host once every fork has ended."""
+    from connectrpc.code import Code
+    from connectrpc.errors import ConnectError
+
+    c = stack.admin
+    agent = stack.hosts[0].agent
+    sid = create(c, metadata={"role": "source"}, autoPause=True).sandbox_id
+    resp = c.post(f"/sandboxes/{sid}/fork", json={"count": 2, "timeout": 120})
+    assert resp.status_code == 201, resp.text
+    results = [SandboxForkResult.from_dict(r) for r in resp.json()]
+    forks = [r.sandbox for r in results if isinstance(r.sandbox, SandboxModel)]
+    assert len(forks) == 2 and all(isinstance(r.error, Unset) for r in results)
+    (snapshot_id,) = agent.snapshots
+    for fork in forks:
+        assert fork.template_id == "base" and fork.envd_access_token
+        assert agent.sandboxes[fork.sandbox_id].snapshot_id == snapshot_id
+        assert agent.sandboxes[fork.sandbox_id].metadata == {"role": "source"}
+        detail = SandboxDetail.from_dict(c.get(f"/sandboxes/{fork.sandbox_id}").json())
+        assert detail.lifecycle.on_timeout.value == "pause"
+        assert detail.end_at - detail.started_at == timedelta(seconds=120)
+    # Nobody's to see or to start from.
+    assert c.get("/snapshots").json() == [] and c.get("/v1/snapshots").json() == []
+    error(c.get(f"/v1/snapshots/{snapshot_id}"), 404, "not_found")
+    error(c.post("/v2/sandboxes", json={"templateID": snapshot_id}), 404, "not_found")
+
+    assert c.delete(f"/sandboxes/{forks[0].sandbox_id}").status_code == 204
+    stack.run(asyncio.sleep(0.3))  # several lifecycle ticks: the other fork still needs it
+    assert snapshot_id in agent.snapshots
+    assert c.delete(f"/sandboxes/{forks[1].sandbox_id}").status_code == 204
+    _until(lambda: snapshot_id not in agent.snapshots)
+
+    # A fork that fails is reported in its entry; the others start.
+    agent.fail_next["CreateSandbox"] = ConnectError(Code.RESOURCE_EXHAUSTED, "no free slot")
+    results = [
+        SandboxForkResult.from_dict(r)
+        for r in c.post(f"/sandboxes/{sid}/fork", json={"count": 2}).json()
+    ]
+    errors = [r.error for r in results if isinstance(r.error, Error)]
+    assert [(e.code, "no free slot" in e.message) for e in errors] == [(429, True)]
+    (fork,) = [r.sandbox for r in results if isinstance(r.sandbox, SandboxModel)]
+    assert c.delete(f"/sandboxes/{fork.sandbox_id}").status_code == 204
+    _until(lambda: not agent.snapshots)
+
+    error(c.post(f"/sandboxes/{sid}/fork", json={"count": 0}), 400, "invalid_argument")
+    too_many = c.post(f"/sandboxes/{sid}/fork", json={"count": 21})
+    assert "count" in error(too_many, 400, "invalid_argument")
+    error(c.post("/sandboxes/isb_unknown/fork", json={}), 404, "not_found")
+    assert c.post(f"/sandboxes/{sid}/pause").status_code == 204
+    error(c.post(f"/sandboxes/{sid}/fork", json={}), 409, "failed_precondition")
+    assert not agent.snapshots
+
+
+def _until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "not in time"
+        time.sleep(0.02)
 
 
 def test_templates(stack: Stack) -> None:

@@ -1,6 +1,6 @@
 """Sandbox lifecycles through the e2b SDK: the end of a timeout, pause and resume (a running
-process and memory-only files survive), connect resuming a paused sandbox, and a named
-snapshot that new sandboxes start from."""
+process and memory-only files survive), connect resuming a paused sandbox, a named
+snapshot that new sandboxes start from, and forks of a running sandbox."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import pytest
 from e2b import Sandbox, SandboxNotFoundException, SandboxQuery, SandboxState
 
-from tests.e2e.conftest import Sandboxes
+from tests.e2e.conftest import Sandboxes, Stack
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -114,3 +114,41 @@ def test_named_snapshot_starts_new_sandboxes(sandboxes: Sandboxes, run_id: str) 
     finally:
         sandboxes.close()  # a snapshot a running sandbox was restored from cannot be deleted
         Sandbox.delete_snapshot(snapshot.snapshot_id)
+
+
+def test_fork_starts_copies_of_a_running_sandbox(
+    sandboxes: Sandboxes, stack: Stack, run_id: str
+) -> None:
+    """``Sandbox.fork``: one snapshot of the running source, two sandboxes started from it
+    with its disk, memory, running processes and metadata; each goes its own way. The
+    snapshot is nobody's to see and is deleted on the host once both forks are gone."""
+    source = sandboxes.create(metadata={"role": "fork-source"})
+    source.files.write("/home/user/before.txt", "before the fork")
+    source.files.write("/tmp/memory.txt", "in memory")
+    source.commands.run(COUNTER, background=True)
+    assert _counting(source)
+
+    forks = source.fork(count=2, timeout=120)
+    assert all(isinstance(f, Sandbox) for f in forks), forks
+    sandboxes.made.extend(f.sandbox_id for f in forks if isinstance(f, Sandbox))
+    first, second = (f for f in forks if isinstance(f, Sandbox))
+    assert len({source.sandbox_id, first.sandbox_id, second.sandbox_id}) == 3
+    for fork in (first, second):
+        assert fork.files.read("/home/user/before.txt") == "before the fork"
+        assert fork.files.read("/tmp/memory.txt") == "in memory"
+        assert _counting(fork)  # the counter was running in the snapshot's memory
+        assert Sandbox.get_info(fork.sandbox_id).metadata["role"] == "fork-source"
+    first.files.write("/home/user/mine.txt", "first's")
+    assert not second.files.exists("/home/user/mine.txt")
+    assert not source.files.exists("/home/user/mine.txt")
+    assert _counting(source)
+    assert Sandbox.list_snapshots(sandbox_id=source.sandbox_id).next_items() == []
+
+    catalog = stack.home.state_dir / "catalog" / "snapshots"
+    assert len(list(catalog.glob("*.json"))) == 1
+    first.kill()
+    second.kill()
+    deadline = time.monotonic() + GONE_WITHIN_S
+    while list(catalog.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert list(catalog.glob("*.json")) == []

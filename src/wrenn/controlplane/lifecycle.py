@@ -1,5 +1,6 @@
 """The lifecycle worker: every sandbox has an end time; when it passes, the sandbox is paused
-(created with auto-pause) or killed. Runs in the app lifespan's TaskGroup."""
+(created with auto-pause) or killed. It also deletes the snapshots taken for forks once no
+fork needs them (``Sandboxes.sweep_forks``). Runs in the app lifespan's TaskGroup."""
 
 from __future__ import annotations
 
@@ -38,13 +39,15 @@ class LifecycleWorker:
             await asyncio.sleep(self._interval_s)
 
     async def tick(self) -> int:
-        """Handle the sandboxes expired by now; how many there were."""
+        """Handle the sandboxes expired by now, then the fork snapshots no longer needed; how
+        many sandboxes had expired."""
         async with self._db.transaction() as tx:
             expired = await tx.sandboxes.expired(datetime.now(UTC), BATCH)
         if expired:
             async with asyncio.TaskGroup() as tg:
                 for sandbox in expired:
                     tg.create_task(self._expire(sandbox))
+        await self._sandboxes.sweep_forks()
         return len(expired)
 
     async def _expire(self, sandbox: Sandbox) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -22,6 +24,7 @@ from wrenn import log
 from wrenn.controlplane import ids, scheduler
 from wrenn.controlplane.config import ControlPlaneSettings
 from wrenn.controlplane.db import Database
+from wrenn.controlplane.db.database import Transaction
 from wrenn.controlplane.db.records import (
     VISIBLE_STATES,
     Host,
@@ -37,7 +40,7 @@ from wrenn.controlplane.db.sandboxes import SandboxQuery
 from wrenn.controlplane.errors import Conflict
 from wrenn.controlplane.events import Events, EventType, sandbox_event
 from wrenn.controlplane.hostpool import AgentClient, HostPool
-from wrenn.core.errors import InvalidArgument, NotFound, Unavailable, WrennError
+from wrenn.core.errors import Internal, InvalidArgument, NotFound, Unavailable, WrennError
 from wrenn.gen.hostagent import hostagent_pb as pb
 
 _log = log.get(__name__)
@@ -62,6 +65,12 @@ class CreateSpec:
     #: False: ports other than envd's need the sandbox's traffic access token.
     public_traffic: bool = True
 
+
+#: Most forks one request may ask for (the e2b SDK's own bound).
+MAX_FORKS = 20
+#: Fork snapshots looked at per sweep; one whose deletion its host refused waits this long.
+FORK_SWEEP_BATCH = 50
+FORK_SWEEP_RETRY_S = 60.0
 
 #: Latest time a log entry may carry (a guest clock gone wild is clamped to it).
 _MAX_TIMESTAMP_MS = 253_402_300_799_000  # 9999-12-31T23:59:59Z
@@ -123,6 +132,8 @@ class Sandboxes:
         self._settings = settings
         self._scheduler = placement
         self._events = events
+        #: Fork snapshots whose host refused their deletion: when to try again.
+        self._fork_retry_at: dict[str, float] = {}
 
     # --- lookups --------------------------------------------------------------------------
 
@@ -173,6 +184,30 @@ class Sandboxes:
     async def create(self, team_id: str, spec: CreateSpec) -> Sandbox:
         timeout_s = self.check_timeout(spec.timeout_s)
         template, snapshot = await self._resolve(team_id, spec.template_ref)
+        return await self._create(team_id, spec, timeout_s, template, snapshot)
+
+    async def _create(
+        self,
+        team_id: str,
+        spec: CreateSpec,
+        timeout_s: int,
+        template: Template | None,
+        snapshot: Snapshot | None,
+    ) -> Sandbox:
+        async with self._scheduler.placing(), self._db.transaction() as tx:
+            sandbox, host = await self._place(tx, team_id, spec, timeout_s, template, snapshot)
+        return await self._start(sandbox, host, spec, timeout_s)
+
+    async def _place(
+        self,
+        tx: Transaction,
+        team_id: str,
+        spec: CreateSpec,
+        timeout_s: int,
+        template: Template | None,
+        snapshot: Snapshot | None,
+    ) -> tuple[Sandbox, Host]:
+        """Choose the new sandbox's host and record it, starting (inside ``placing``)."""
         if snapshot is not None:
             vcpus, memory_mib = snapshot.vcpus, snapshot.memory_mib
             template_id = snapshot.template_id
@@ -183,53 +218,58 @@ class Sandboxes:
             template_id = template.id
         demand = scheduler.Demand(vcpus, memory_mib, self._settings.sandbox_disk_mib)
         now = _now()
-        async with self._scheduler.placing(), self._db.transaction() as tx:
-            host = self._scheduler.place(
-                await tx.hosts.all(),
-                await tx.hosts.loads(),
-                demand,
-                pinned_host_id=snapshot.host_id if snapshot else None,
-                pinned_reason=f"snapshot {snapshot.id}" if snapshot else "",
-                template=None
-                if snapshot
-                else scheduler.TemplateOnHosts(
-                    template_id, await tx.host_templates.hosts_with(template_id)
-                ),
-            )
-            sandbox = Sandbox(
-                id=ids.sandbox_id(),
-                team_id=team_id,
-                host_id=host.id,
-                template_id=template_id,
-                alias=spec.template_ref if spec.template_ref != template_id else None,
-                snapshot_id=snapshot.id if snapshot else None,
-                state=SandboxState.STARTING,
-                vcpus=vcpus,
-                memory_mib=memory_mib,
-                disk_mib=disk_mib,
-                envd_version=template.envd_version if template else "",
-                envd_access_token=ids.envd_access_token(),
-                allow_internet_access=spec.allow_internet_access,
-                auto_pause=spec.auto_pause,
-                auto_resume=spec.auto_resume,
-                build_id=None,
-                started_at=now,
-                end_at=now + timedelta(seconds=timeout_s),
-                created_at=now,
-                metadata=dict(spec.metadata),
-                traffic_access_token=None if spec.public_traffic else ids.traffic_access_token(),
-            )
-            await tx.sandboxes.insert(sandbox)
+        host = self._scheduler.place(
+            await tx.hosts.all(),
+            await tx.hosts.loads(),
+            demand,
+            pinned_host_id=snapshot.host_id if snapshot else None,
+            pinned_reason=f"snapshot {snapshot.id}" if snapshot else "",
+            template=None
+            if snapshot
+            else scheduler.TemplateOnHosts(
+                template_id, await tx.host_templates.hosts_with(template_id)
+            ),
+        )
+        sandbox = Sandbox(
+            id=ids.sandbox_id(),
+            team_id=team_id,
+            host_id=host.id,
+            template_id=template_id,
+            alias=spec.template_ref if spec.template_ref != template_id else None,
+            snapshot_id=snapshot.id if snapshot else None,
+            state=SandboxState.STARTING,
+            vcpus=vcpus,
+            memory_mib=memory_mib,
+            disk_mib=disk_mib,
+            envd_version=template.envd_version if template else "",
+            envd_access_token=ids.envd_access_token(),
+            allow_internet_access=spec.allow_internet_access,
+            auto_pause=spec.auto_pause,
+            auto_resume=spec.auto_resume,
+            build_id=None,
+            started_at=now,
+            end_at=now + timedelta(seconds=timeout_s),
+            created_at=now,
+            metadata=dict(spec.metadata),
+            traffic_access_token=None if spec.public_traffic else ids.traffic_access_token(),
+        )
+        await tx.sandboxes.insert(sandbox)
+        return sandbox, host
+
+    async def _start(
+        self, sandbox: Sandbox, host: Host, spec: CreateSpec, timeout_s: int
+    ) -> Sandbox:
+        """Start a placed sandbox on its host; marked failed if that fails."""
         log_ = _log.bind(sandbox_id=sandbox.id, host_id=host.id)
         agent = await self._pool.get(host)
         try:
             info = await agent.create_sandbox(
                 pb.CreateSandboxRequest(
                     sandbox_id=sandbox.id,
-                    template_id=template_id,
-                    snapshot_id=snapshot.id if snapshot else None,
-                    vcpus=vcpus,
-                    memory_mib=memory_mib,
+                    template_id=sandbox.template_id,
+                    snapshot_id=sandbox.snapshot_id,
+                    vcpus=sandbox.vcpus,
+                    memory_mib=sandbox.memory_mib,
                     env_vars=dict(spec.env_vars),
                     envd_access_token=sandbox.envd_access_token,
                     allow_internet_access=spec.allow_internet_access is not False,
@@ -258,7 +298,7 @@ class Sandboxes:
                 started_at=started,
                 end_at=started + timedelta(seconds=timeout_s),
             )
-            await tx.templates.record_spawn(template_id)
+            await tx.templates.record_spawn(sandbox.template_id)
             if running is not None:
                 await self._events.emit(
                     tx,
@@ -463,20 +503,31 @@ class Sandboxes:
 
     async def snapshot(self, team_id: str, sandbox_id: str, name: str | None) -> Snapshot:
         sandbox = await self.get(team_id, sandbox_id)
-        if sandbox.state is not SandboxState.RUNNING:
-            raise Conflict(f"sandbox {sandbox.id!r} is {sandbox.state.value}, not running")
         if name is not None:
             if not ids.is_resource_ref(name):
                 raise InvalidArgument(f"invalid snapshot name: {name!r}")
             async with self._db.transaction() as tx:
                 if await tx.snapshots.name_taken(team_id, name):
                     raise Conflict(f"a snapshot named {name!r} already exists")
+        async with self._taken(sandbox, name, for_fork=False) as (snapshot, tx):
+            await tx.snapshots.insert(snapshot)
+        _log.info("snapshot.created", sandbox_id=sandbox.id, snapshot_id=snapshot.id)
+        return snapshot
+
+    @contextlib.asynccontextmanager
+    async def _taken(
+        self, sandbox: Sandbox, name: str | None, *, for_fork: bool
+    ) -> AsyncIterator[tuple[Snapshot, Transaction]]:
+        """Snapshot running ``sandbox`` on its host; the caller records it in the
+        transaction given. If that fails, the snapshot is deleted on the host again."""
+        if sandbox.state is not SandboxState.RUNNING:
+            raise Conflict(f"sandbox {sandbox.id!r} is {sandbox.state.value}, not running")
         _, agent = await self._agent(sandbox.host_id, f"sandbox {sandbox.id!r}")
         snapshot_id = ids.snapshot_id()
         info = await agent.create_snapshot(sandbox.id, snapshot_id)
         snapshot = Snapshot(
             id=snapshot_id,
-            team_id=team_id,
+            team_id=sandbox.team_id,
             name=name,
             sandbox_id=sandbox.id,
             template_id=sandbox.template_id,
@@ -485,15 +536,99 @@ class Sandboxes:
             memory_mib=info.memory_mib or sandbox.memory_mib,
             size_bytes=info.size_bytes,
             created_at=_now(),
+            for_fork=for_fork,
         )
         try:
             async with self._db.transaction() as tx:
-                await tx.snapshots.insert(snapshot)
+                yield snapshot, tx
         except BaseException:
             await asyncio.shield(self._delete_on_agent(agent, snapshot_id))
             raise
-        _log.info("snapshot.created", sandbox_id=sandbox.id, snapshot_id=snapshot_id)
-        return snapshot
+
+    # --- forks ----------------------------------------------------------------------------
+
+    async def fork(
+        self, team_id: str, sandbox_id: str, timeout_s: int, count: int
+    ) -> list[Sandbox | WrennError]:
+        """``count`` new sandboxes started from one snapshot of running sandbox
+        ``sandbox_id``, each with the source's template, metadata and settings and an end
+        ``timeout_s`` from now. The snapshot is taken once; each fork succeeds or fails on its
+        own (its entry is then the error). The snapshot is hidden and is recorded in one
+        transaction with every fork placed, so from its first moment a fork that has not
+        ended holds it; ``sweep_forks`` deletes it once none is left."""
+        timeout_s = self.check_timeout(timeout_s)
+        if not 1 <= count <= MAX_FORKS:
+            raise InvalidArgument(f"count: {count} is not between 1 and {MAX_FORKS}")
+        source = await self.get(team_id, sandbox_id)
+        spec = CreateSpec(
+            template_ref=source.alias or source.template_id,
+            timeout_s=timeout_s,
+            metadata=dict(source.metadata),
+            auto_pause=source.auto_pause,
+            auto_resume=source.auto_resume,
+            allow_internet_access=source.allow_internet_access,
+            public_traffic=source.traffic_access_token is None,
+        )
+        placed: list[tuple[Sandbox, Host] | WrennError] = []
+        async with (
+            self._taken(source, None, for_fork=True) as (snapshot, tx),
+            self._scheduler.placing(),
+        ):
+            await tx.snapshots.insert(snapshot)
+            template = await tx.templates.get(snapshot.template_id, team_id)
+            for _ in range(count):
+                try:
+                    placed.append(
+                        await self._place(tx, team_id, spec, timeout_s, template, snapshot)
+                    )
+                except WrennError as err:  # no room for this one
+                    placed.append(err)
+        started = await asyncio.gather(
+            *(
+                self._start(p[0], p[1], spec, timeout_s)
+                for p in placed
+                if not isinstance(p, WrennError)
+            ),
+            return_exceptions=True,
+        )
+        out: list[Sandbox | WrennError] = []
+        for p in placed:
+            result = p if isinstance(p, WrennError) else started.pop(0)
+            if isinstance(result, WrennError | Sandbox):
+                out.append(result)
+            elif isinstance(result, Exception):
+                _log.error("sandbox.fork_failed", sandbox_id=sandbox_id, error=repr(result))
+                out.append(Internal("the fork could not be started"))
+            else:
+                raise result
+        _log.info(
+            "sandbox.forked",
+            sandbox_id=sandbox_id,
+            snapshot_id=snapshot.id,
+            forks=[r.id for r in out if isinstance(r, Sandbox)],
+        )
+        return out
+
+    async def sweep_forks(self) -> int:
+        """Delete the snapshots taken for forks that no sandbox started from them needs any
+        more; how many went. One its host refuses (a later snapshot builds on it, or the host
+        is silent) is tried again at a later sweep."""
+        now = time.monotonic()
+        async with self._db.transaction(read_only=True) as tx:
+            unused = await tx.snapshots.unused_forks(limit=FORK_SWEEP_BATCH)
+        deleted = 0
+        for snapshot in unused:
+            if self._fork_retry_at.get(snapshot.id, 0.0) > now:
+                continue
+            try:
+                await self._delete_snapshot(snapshot)
+            except WrennError as err:
+                self._fork_retry_at[snapshot.id] = now + FORK_SWEEP_RETRY_S
+                _log.info("snapshot.fork_kept", snapshot_id=snapshot.id, reason=err.message)
+                continue
+            self._fork_retry_at.pop(snapshot.id, None)
+            deleted += 1
+        return deleted
 
     async def _delete_on_agent(self, agent: AgentClient, snapshot_id: str) -> None:
         with contextlib.suppress(NotFound):
@@ -509,7 +644,9 @@ class Sandboxes:
         return snapshot
 
     async def delete_snapshot(self, team_id: str, ref: str) -> None:
-        snapshot = await self.get_snapshot(team_id, ref)
+        await self._delete_snapshot(await self.get_snapshot(team_id, ref))
+
+    async def _delete_snapshot(self, snapshot: Snapshot) -> None:
         async with self._db.transaction() as tx:
             host = await tx.hosts.get(snapshot.host_id) if snapshot.host_id else None
         if host is not None and self._scheduler.is_live(host):

@@ -180,6 +180,8 @@ class Snapshot:
     memory_mib: int
     size_bytes: int
     created_at: datetime
+    #: Taken for a fork: hidden from the API, deleted once no sandbox started from it is left.
+    for_fork: bool = False
 
 
 T = TypeVar("T")

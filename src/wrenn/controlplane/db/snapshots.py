@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, delete, or_, select
+from sqlalchemy import ColumnElement, Row, and_, delete, false, or_, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from wrenn.controlplane.db.records import Page, Snapshot
+from wrenn.controlplane.db.records import Page, SandboxState, Snapshot
 from wrenn.controlplane.db.sandboxes import decode_cursor, encode_cursor
-from wrenn.controlplane.db.tables import SnapshotRow
+from wrenn.controlplane.db.tables import SandboxRow, SnapshotRow
 from wrenn.core.errors import AlreadyExists
 
 
@@ -26,6 +26,7 @@ def _snapshot(row: SnapshotRow | Row[Any]) -> Snapshot:
         memory_mib=row.memory_mib,
         size_bytes=row.size_bytes,
         created_at=row.created_at,
+        for_fork=row.for_fork,
     )
 
 
@@ -46,6 +47,7 @@ class SnapshotRepository:
             memory_mib=snapshot.memory_mib,
             size_bytes=snapshot.size_bytes,
             created_at=snapshot.created_at,
+            for_fork=snapshot.for_fork,
         )
         try:
             async with self._s.begin_nested():
@@ -54,16 +56,36 @@ class SnapshotRepository:
             raise AlreadyExists(f"a snapshot named {snapshot.name!r} already exists") from err
 
     async def find(self, team_id: str, ref: str) -> Snapshot | None:
-        """A team's snapshot by id or by name."""
+        """A team's snapshot by id or by name (not one taken for a fork)."""
         row = await self._s.scalar(
             select(SnapshotRow)
             .where(
                 SnapshotRow.team_id == team_id,
                 or_(SnapshotRow.id == ref, SnapshotRow.name == ref),
+                SnapshotRow.for_fork == false(),
             )
             .order_by(SnapshotRow.id != ref)
         )
         return _snapshot(row) if row else None
+
+    async def unused_forks(self, limit: int) -> list[Snapshot]:
+        """Snapshots taken for a fork that no sandbox started from them still needs (every
+        one of them killed or failed)."""
+        used = (
+            select(SandboxRow.id)
+            .where(
+                SandboxRow.snapshot_id == SnapshotRow.id,
+                SandboxRow.state.not_in([SandboxState.KILLED.value, SandboxState.FAILED.value]),
+            )
+            .exists()
+        )
+        rows = await self._s.scalars(
+            select(SnapshotRow)
+            .where(SnapshotRow.for_fork == true(), ~used)
+            .order_by(SnapshotRow.created_at)
+            .limit(limit)
+        )
+        return [_snapshot(r) for r in rows]
 
     async def name_taken(self, team_id: str, name: str) -> bool:
         row = await self._s.scalar(
@@ -85,7 +107,10 @@ async def snapshot_page(
     next_token: str | None = None,
 ) -> Page[Snapshot]:
     """One page of a team's snapshots, oldest first, in one statement."""
-    conditions: list[ColumnElement[bool]] = [SnapshotRow.team_id == team_id]
+    conditions: list[ColumnElement[bool]] = [
+        SnapshotRow.team_id == team_id,
+        SnapshotRow.for_fork == false(),
+    ]
     if sandbox_id is not None:
         conditions.append(SnapshotRow.sandbox_id == sandbox_id)
     if name is not None:

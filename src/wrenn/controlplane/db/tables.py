@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -143,7 +144,7 @@ class SandboxRow(Base):
     )
     template_id: Mapped[str] = mapped_column(String(128))
     alias: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    snapshot_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     state: Mapped[str] = mapped_column(String(16), index=True)
     vcpus: Mapped[int] = mapped_column(Integer)
     memory_mib: Mapped[int] = mapped_column(Integer)
@@ -196,6 +197,9 @@ class SnapshotRow(Base):
     memory_mib: Mapped[int] = mapped_column(Integer)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    #: Taken for a fork: not visible through the API, deleted once no sandbox started from it
+    #: is left.
+    for_fork: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class AuditLogRow(Base):

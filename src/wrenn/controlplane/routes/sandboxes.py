@@ -413,6 +413,20 @@ async def create_snapshot(
     return e2b.SnapshotInfo(snapshot_id=snapshot.id, names=[snapshot.name] if snapshot.name else [])
 
 
+@router.post("/sandboxes/{sandbox_id}/fork", status_code=201, response_model_exclude_none=True)
+async def fork(
+    sandbox_id: str, cp: CP, who: Team, body: e2b.ForkRequest | None = None
+) -> list[e2b.ForkResult]:
+    body = body or e2b.ForkRequest()
+    results = await cp.sandboxes.fork(who.team.id, sandbox_id, body.timeout, body.count)
+    return [
+        e2b.ForkResult(sandbox=created(cp, r))
+        if isinstance(r, Sandbox)
+        else e2b.ForkResult(error=e2b.ForkError(code=r.http_status, message=r.message))
+        for r in results
+    ]
+
+
 @router.get("/sandboxes/{sandbox_id}/logs")
 async def logs(
     sandbox_id: str,

@@ -105,6 +105,11 @@ class SnapshotRequest(_Model):
     memory: bool | None = None
 
 
+class ForkRequest(_Model):
+    timeout: Seconds = 15
+    count: Annotated[int, Field(ge=1, le=20)] = 1
+
+
 # --- responses --------------------------------------------------------------------------
 
 
@@ -117,6 +122,21 @@ class Sandbox(_Model):
     envd_access_token: str | None = Field(default=None, serialization_alias="envdAccessToken")
     traffic_access_token: str | None = Field(default=None, serialization_alias="trafficAccessToken")
     domain: str | None = None
+
+
+class ForkError(_Model):
+    """Why one fork did not start: ``code`` is the HTTP status the error has elsewhere
+    (what the e2b SDK reads from a fork's result)."""
+
+    code: int
+    message: str
+
+
+class ForkResult(_Model):
+    """One requested fork: exactly one of ``sandbox`` and ``error``."""
+
+    sandbox: Sandbox | None = None
+    error: ForkError | None = None
 
 
 class Lifecycle(_Model):
