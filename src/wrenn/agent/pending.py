@@ -5,6 +5,9 @@ state is held in the snapshot store (``SnapshotStore.hold``), the VM's memory fi
 the build's memory image (``MemoryImages.keep``), and the catalog names the build. What is
 left, ``PendingBuilds`` does on a task of its own, one per build:
 
+    window    when a resume could take the image back (below), up to ``TAKE_OVER_WINDOW_S``
+              for one to come first: a resume often follows a pause at once, and the
+              write-back the extents need would compete with it for the CPU, for nothing
     extents   which blocks of the kept image the guest wrote (its extent map, read after the
               image's dirty pages are written back); clones of the image wait for this
     parent    the parent build, when it is pending too, stored first
@@ -58,6 +61,8 @@ _log = log.get(__name__)
 
 #: How long a store waits for restores under way to end before it runs beside them.
 QUIET_WAIT_S = 5.0
+#: How long a store whose image a resume could take back waits for one before it starts.
+TAKE_OVER_WINDOW_S = 0.5
 
 
 @dataclass
@@ -178,9 +183,15 @@ class PendingBuilds:
     async def _run(self, p: _Pending) -> None:
         steps = Steps()
         try:
+            if p.extents_known and p.parent is not None:
+                # A resume often follows a pause at once: until it comes (or the window
+                # ends) the kept image is not written back, so a take-over finds the machine
+                # quiet and the store has nothing to do.
+                await _first(p.abandoned.wait(), timeout_s=TAKE_OVER_WINDOW_S)
+                steps.mark("window")
             ranges = None
             try:
-                if p.extents_known:
+                if p.extents_known and not p.abandoned.is_set():
                     ranges = await self._memory.changed_ranges(p.build_id)
             finally:
                 self._memory.allow_clones(p.build_id)
