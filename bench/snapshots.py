@@ -12,9 +12,10 @@ What each row measures (a real ``wrenn-agent`` process on a scratch state direct
   stop and migration of the device state, the state held and the memory file kept, the
   catalog, the VM stopped); its steps as the agent logs them (``sandbox.paused``).
 - background store: what the agent does after the pause answered (``snapshot.stored``): the
-  extents the guest wrote (its memory file written back first), waiting for a resume under
-  way, the memory diffed against the parent build, written, hashed and fsynced; "total"
-  counts from the answer.
+  window a resume has to take the memory back before anything is written back, the extents
+  the guest wrote (its memory file written back first), waiting for a resume under way, the
+  memory diffed against the parent build, written, hashed and fsynced; "total" counts from
+  the answer.
 - resume of the stored build: ResumeSandbox once the background store is done (memory image,
   restore into a free slot, envd /health, /init), comparable with the raw restore.
 - resume right after the pause answered: the same, sent at once. Before the background store
