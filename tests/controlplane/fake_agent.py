@@ -211,6 +211,7 @@ class FakeHostAgent:
                 cpu_used_pct=12.5,
                 mem_used_bytes=100 * 1024 * 1024,
                 mem_total_bytes=sandbox.memory_mib * 1024 * 1024,
+                mem_cache_bytes=50 * 1024 * 1024,
                 disk_used_bytes=200 * 1024 * 1024,
                 disk_total_bytes=1024 * 1024 * 1024,
             )

@@ -369,6 +369,7 @@ def test_metrics_and_logs(stack: Stack) -> None:
     metrics = [SandboxMetric.from_dict(x) for x in resp.json()]
     assert len(metrics) == 1
     assert metrics[0].cpu_count == 2 and metrics[0].mem_total == 512 * 1024 * 1024
+    assert metrics[0].mem_cache == 50 * 1024 * 1024
     logs = SandboxLogs.from_dict(c.get(f"/sandboxes/{sid}/logs").json())
     assert logs.logs == [] and logs.log_entries == []
     c.post(f"/sandboxes/{sid}/pause")

@@ -51,6 +51,7 @@ def test_metrics_are_sampled_over_time_and_filtered(make_stack: Any) -> None:
     stamps = [m.timestamp for m in samples]
     assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
     assert all(m.cpu_count == 2 and m.mem_total == 512 * 1024 * 1024 for m in samples)
+    assert all(m.mem_cache == 50 * 1024 * 1024 for m in samples)  # kept with each sample
     assert all(m.timestamp_unix == int(m.timestamp.timestamp()) for m in samples)
 
     # start and end are unix seconds, both included.

@@ -122,6 +122,7 @@ class Metrics:
     cpu_used_pct: float
     mem_used_bytes: int
     mem_total_bytes: int
+    mem_cache_bytes: int
     disk_used_bytes: int
     disk_total_bytes: int
     vmm_rss_bytes: int
@@ -855,6 +856,7 @@ class Manager:
             cpu_used_pct=float(guest.get("cpu_used_pct", 0.0)),
             mem_used_bytes=int(guest.get("mem_used", 0)),
             mem_total_bytes=int(guest.get("mem_total", 0)),
+            mem_cache_bytes=int(guest.get("mem_cache", 0)),
             disk_used_bytes=int(guest.get("disk_used", 0)),
             disk_total_bytes=int(guest.get("disk_total", 0)),
             vmm_rss_bytes=vmm.rss_bytes,

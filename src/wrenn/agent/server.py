@@ -136,6 +136,7 @@ class HostAgentService(HostAgent):
                 cpu_used_pct=m.cpu_used_pct,
                 mem_used_bytes=m.mem_used_bytes,
                 mem_total_bytes=m.mem_total_bytes,
+                mem_cache_bytes=m.mem_cache_bytes,
                 disk_used_bytes=m.disk_used_bytes,
                 disk_total_bytes=m.disk_total_bytes,
                 vmm_rss_bytes=m.vmm_rss_bytes,

@@ -104,6 +104,7 @@ def sample_of(sandbox_id: str, m: pb.SandboxMetrics, vcpus: int) -> MetricSample
         mem_total_bytes=m.mem_total_bytes,
         disk_used_bytes=m.disk_used_bytes,
         disk_total_bytes=m.disk_total_bytes,
+        mem_cache_bytes=m.mem_cache_bytes,
     )
 
 

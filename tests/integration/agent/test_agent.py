@@ -190,6 +190,7 @@ async def test_create_pause_resume_snapshot_spawn_destroy(
     assert metrics.metrics is not None
     assert metrics.metrics.cpu_count == parent.vcpus
     assert metrics.metrics.mem_total_bytes > 0 and metrics.metrics.vmm_rss_bytes > 0
+    assert metrics.metrics.mem_cache_bytes > 0  # the guest's page cache holds its files
 
     before_pause = await count()
     paused = await client.pause_sandbox(pb.PauseSandboxRequest(sandbox_id="life"))

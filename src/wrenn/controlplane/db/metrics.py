@@ -24,6 +24,7 @@ def _sample(row: SandboxMetricRow) -> MetricSample:
         mem_total_bytes=row.mem_total,
         disk_used_bytes=row.disk_used,
         disk_total_bytes=row.disk_total,
+        mem_cache_bytes=row.mem_cache,
     )
 
 
@@ -63,6 +64,7 @@ class MetricRepository:
                 "mem_total": s.mem_total_bytes,
                 "disk_used": s.disk_used_bytes,
                 "disk_total": s.disk_total_bytes,
+                "mem_cache": s.mem_cache_bytes,
             }
             for s in samples
         ]

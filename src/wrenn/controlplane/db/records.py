@@ -293,6 +293,8 @@ class MetricSample:
     mem_total_bytes: int
     disk_used_bytes: int
     disk_total_bytes: int
+    #: The guest's page cache (0 in samples taken before it was recorded).
+    mem_cache_bytes: int = 0
 
 
 @dataclass(frozen=True)

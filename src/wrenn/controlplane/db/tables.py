@@ -287,6 +287,7 @@ class SandboxMetricRow(Base):
     mem_total: Mapped[int] = mapped_column(BigInteger)
     disk_used: Mapped[int] = mapped_column(BigInteger)
     disk_total: Mapped[int] = mapped_column(BigInteger)
+    mem_cache: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class IdempotencyKeyRow(Base):

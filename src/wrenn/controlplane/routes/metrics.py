@@ -32,7 +32,7 @@ def metric_out(m: MetricSample) -> e2b.SandboxMetric:
         cpu_used_pct=m.cpu_used_pct,
         mem_used=m.mem_used_bytes,
         mem_total=m.mem_total_bytes,
-        mem_cache=0,
+        mem_cache=m.mem_cache_bytes,
         disk_used=m.disk_used_bytes,
         disk_total=m.disk_total_bytes,
     )
