@@ -4,8 +4,6 @@ own models (``from_dict``) so field names and types are what the SDK reads."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -26,7 +24,7 @@ from e2b.api.client.models import Sandbox as SandboxModel
 from e2b.api.client.models.sandbox_state import SandboxState
 from e2b.api.client.types import Unset
 
-from tests.controlplane.conftest import Stack
+from tests.controlplane.conftest import Stack, wait_for
 from tests.controlplane.fake_agent import FakeHostAgent
 
 
@@ -307,7 +305,7 @@ def test_fork(stack: Stack) -> None:
     stack.run(asyncio.sleep(0.3))  # several lifecycle ticks: the other fork still needs it
     assert snapshot_id in agent.snapshots
     assert c.delete(f"/sandboxes/{forks[1].sandbox_id}").status_code == 204
-    _until(lambda: snapshot_id not in agent.snapshots)
+    wait_for(lambda: snapshot_id not in agent.snapshots, "the fork snapshot deleted")
 
     # A fork that fails is reported in its entry; the others start.
     agent.fail_next["CreateSandbox"] = ConnectError(Code.RESOURCE_EXHAUSTED, "no free slot")
@@ -319,7 +317,7 @@ def test_fork(stack: Stack) -> None:
     assert [(e.code, "no free slot" in e.message) for e in errors] == [(429, True)]
     (fork,) = [r.sandbox for r in results if isinstance(r.sandbox, SandboxModel)]
     assert c.delete(f"/sandboxes/{fork.sandbox_id}").status_code == 204
-    _until(lambda: not agent.snapshots)
+    wait_for(lambda: not agent.snapshots, "the fork snapshot deleted")
 
     error(c.post(f"/sandboxes/{sid}/fork", json={"count": 0}), 400, "invalid_argument")
     too_many = c.post(f"/sandboxes/{sid}/fork", json={"count": 21})
@@ -328,13 +326,6 @@ def test_fork(stack: Stack) -> None:
     assert c.post(f"/sandboxes/{sid}/pause").status_code == 204
     error(c.post(f"/sandboxes/{sid}/fork", json={}), 409, "failed_precondition")
     assert not agent.snapshots
-
-
-def _until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, "not in time"
-        time.sleep(0.02)
 
 
 def test_templates(stack: Stack) -> None:

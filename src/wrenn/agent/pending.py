@@ -78,6 +78,12 @@ class _Pending:
     #: A resumed VM took the kept image back (``take_over``).
     taken: bool = False
 
+    @property
+    def takeable(self) -> bool:
+        """Whether a resume could take the kept image back: its extent map tells what the
+        guest wrote since it was reflinked from the parent's."""
+        return self.extents_known and self.parent is not None
+
 
 class PendingBuilds:
     def __init__(self, store: SnapshotStore, memory: MemoryImages) -> None:
@@ -161,10 +167,10 @@ class PendingBuilds:
             pending is None
             or pending.committed
             or pending.abandoned.is_set()
-            or not pending.extents_known
-            or pending.parent is None
+            or not pending.takeable
         ):
             return None
+        assert pending.parent is not None  # takeable
         memory = self._memory.take(pending.build_id, pending.parent)
         pending.taken = True
         pending.abandoned.set()
@@ -183,7 +189,7 @@ class PendingBuilds:
     async def _run(self, p: _Pending) -> None:
         steps = Steps()
         try:
-            if p.extents_known and p.parent is not None:
+            if p.takeable:
                 # A resume often follows a pause at once: until it comes (or the window
                 # ends) the kept image is not written back, so a take-over finds the machine
                 # quiet and the store has nothing to do.

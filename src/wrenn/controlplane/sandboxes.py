@@ -584,17 +584,12 @@ class Sandboxes:
                     )
                 except WrennError as err:  # no room for this one
                     placed.append(err)
-        started = await asyncio.gather(
-            *(
-                self._start(p[0], p[1], spec, timeout_s)
-                for p in placed
-                if not isinstance(p, WrennError)
-            ),
-            return_exceptions=True,
-        )
+
+        async def start(p: tuple[Sandbox, Host] | WrennError) -> Sandbox | WrennError:
+            return p if isinstance(p, WrennError) else await self._start(*p, spec, timeout_s)
+
         out: list[Sandbox | WrennError] = []
-        for p in placed:
-            result = p if isinstance(p, WrennError) else started.pop(0)
+        for result in await asyncio.gather(*map(start, placed), return_exceptions=True):
             if isinstance(result, WrennError | Sandbox):
                 out.append(result)
             elif isinstance(result, Exception):

@@ -200,11 +200,10 @@ class DiskStore:
         second name (a hard link: no copy, nothing written back). Only for a disk nothing
         writes any more; deleting the disk leaves the template."""
         self._require_open()
+        src = self.disk_path(disk_id)
         dest = self.template_path(template_id)
         try:
-            await asyncio.to_thread(
-                self._publish, self.disk_path(disk_id), dest, f"template {template_id}"
-            )
+            await asyncio.to_thread(self._publish, src, dest, f"template {template_id}")
         except FileNotFoundError as err:
             raise NotFound(f"disk {disk_id} not found") from err
         return dest

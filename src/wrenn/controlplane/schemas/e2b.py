@@ -10,6 +10,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from wrenn.controlplane.sandboxes import MAX_FORKS
+
 MAX_METADATA_ENTRIES = 64
 MAX_ENV_VARS = 256
 #: Upper bound of any duration field, before the configured ``max_timeout_s`` applies.
@@ -107,7 +109,7 @@ class SnapshotRequest(_Model):
 
 class ForkRequest(_Model):
     timeout: Seconds = 15
-    count: Annotated[int, Field(ge=1, le=20)] = 1
+    count: Annotated[int, Field(ge=1, le=MAX_FORKS)] = 1
 
 
 # --- responses --------------------------------------------------------------------------
