@@ -647,6 +647,9 @@ class Manager:
                     taken = self.pending.take_over(build_id)
                 if taken is not None:
                     await finish(self.catalog.sandboxes.delete(sandbox_id))
+                    _log.info(
+                        "sandbox.memory_taken_back", sandbox_id=sandbox_id, build_id=str(build_id)
+                    )
                 resumed = record.model_copy(
                     update={
                         "allow_internet_access": allow_internet_access,

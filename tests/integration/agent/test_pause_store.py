@@ -136,6 +136,12 @@ def _taken_over(agent: Agent, build_id: str) -> bool:
     return build_id in [e["build_id"] for e in _events(agent, "snapshot.store_taken_over")]
 
 
+def _memory_taken_back(agent: Agent, build_id: str) -> bool:
+    """A resume took the memory of ``build_id`` back and its sandbox's record is gone: from
+    here the VM may write it."""
+    return build_id in [e["build_id"] for e in _events(agent, "sandbox.memory_taken_back")]
+
+
 async def _first_of(task: asyncio.Task[None], check: Callable[[], bool]) -> None:
     """Until ``task`` ends or ``check()`` holds (checked every 5 ms)."""
     while not task.done() and not check():
@@ -278,7 +284,7 @@ async def test_an_agent_killed_during_a_take_over_never_resumes_from_that_memory
         await _dirty(agent, "ps-x", str(attempt))
         build = await _pause(agent, "ps-x")
         resume = asyncio.create_task(_resume(agent, "ps-x"))
-        await _first_of(resume, functools.partial(_taken_over, agent, build))
+        await _first_of(resume, functools.partial(_memory_taken_back, agent, build))
         if not resume.done():
             agent.kill()
             with contextlib.suppress(Exception):
