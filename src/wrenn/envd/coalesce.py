@@ -4,9 +4,9 @@ uvicorn writes a response's status line and headers, then every body chunk, each
 the socket. A Connect stream answers with headers and its first message back to back, and ends
 with its last message and the end-of-stream frame back to back; each ``send`` wakes the client,
 which costs more than the bytes. :class:`CoalescingTransport` holds writes smaller than
-``COALESCE_MAX_BYTES`` until the loop's next iteration (or until a large write, ``close`` or
-``write_eof``, which send what is held first, in order); everything else passes through.
-``abort`` drops what is held, as it drops the transport's own buffer.
+``COALESCE_MAX_BYTES`` until the loop's next iteration (or until a large write, ``flush``,
+``close`` or ``write_eof``, which send what is held first, in order); everything else passes
+through. ``abort`` drops what is held, as it drops the transport's own buffer.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ class CoalescingTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         size = len(data)
         if size >= COALESCE_MAX_BYTES or self._held_bytes + size >= COALESCE_MAX_BYTES:
-            self._send_held()
+            self.flush()
             self._transport.write(data)
             return
         if not self._held:
-            self._loop.call_soon(self._send_held)
+            self._loop.call_soon(self.flush)
         self._held.append(bytes(data))
         self._held_bytes += size
 
@@ -41,7 +41,8 @@ class CoalescingTransport(asyncio.Transport):
         for data in list_of_data:
             self.write(data)
 
-    def _send_held(self) -> None:
+    def flush(self) -> None:
+        """Send what is held now."""
         if not self._held:
             return
         held, self._held, self._held_bytes = self._held, [], 0
@@ -49,14 +50,14 @@ class CoalescingTransport(asyncio.Transport):
             self._transport.write(held[0] if len(held) == 1 else b"".join(held))
 
     def write_eof(self) -> None:
-        self._send_held()
+        self.flush()
         self._transport.write_eof()
 
     def can_write_eof(self) -> bool:
         return self._transport.can_write_eof()
 
     def close(self) -> None:
-        self._send_held()
+        self.flush()
         self._transport.close()
 
     def abort(self) -> None:

@@ -2,7 +2,8 @@
 
 uvicorn has no connection-state hook, so ``protocol_class`` subclasses its httptools protocol to
 report connection open/close and request begin/finish to a ``ConnTracker`` (and to give every
-connection a ``CoalescingTransport``, see ``coalesce``).
+connection a ``CoalescingTransport``, see ``coalesce``, and its requests a ``FileSender``, see
+``sendfile``).
 
 Snapshot contract:
 
@@ -30,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from wrenn import log
 from wrenn.envd.coalesce import CoalescingTransport
+from wrenn.envd.sendfile import FILE_BODY, FileSender
 
 _log = log.get(__name__)
 
@@ -172,17 +174,21 @@ class TrackedHttpToolsProtocol(HttpToolsProtocol):
 
     tracker: ClassVar[ConnTracker]
     _conn: Conn | None = None
+    _files: FileSender | None = None
 
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
     ) -> None:
-        transport = CoalescingTransport(transport, asyncio.get_running_loop())
-        super().connection_made(transport)
-        self._conn = self.tracker.opened(transport, self, self.client)
+        coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
+        super().connection_made(coalescing)
+        self._conn = self.tracker.opened(coalescing, self, self.client)
+        self._files = FileSender(coalescing)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self.tracker.closed(self._conn)
+        if self._files is not None:
+            self._files.connection_lost()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -192,7 +198,11 @@ class TrackedHttpToolsProtocol(HttpToolsProtocol):
             self.scope["extensions"] = {SCOPE_EXTENSION: {"id": self._conn.id}}
 
     def on_headers_complete(self) -> None:
+        scope = self.scope
         super().on_headers_complete()
+        if self._files is not None and self.cycle is not None and self.cycle.scope is scope:
+            extensions: dict[str, Any] = scope.setdefault("extensions", {})
+            extensions[FILE_BODY] = self._files.extension(self.cycle)
         if not self.tracker.keep_alive and self.cycle is not None:
             self.cycle.keep_alive = False
 

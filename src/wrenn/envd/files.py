@@ -30,6 +30,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from wrenn import log
 from wrenn.core.errors import InvalidArgument
@@ -37,6 +38,7 @@ from wrenn.envd import users
 from wrenn.envd.defaults import Defaults
 from wrenn.envd.filesystem import paths
 from wrenn.envd.filesystem.transfer import FileReader, FileWriter
+from wrenn.envd.sendfile import FILE_BODY, SendFailed
 
 _log = log.get(__name__)
 
@@ -140,11 +142,45 @@ async def download(request: Request) -> Response:
         headers["Content-Length"] = str(reader.size_bytes)
     else:
         headers["Content-Encoding"] = encoding
-    return StreamingResponse(
-        reader.chunks(gzip=encoding == "gzip"),
-        headers=headers,
-        media_type=content_type(path),
-    )
+    if encoding is not None:
+        return StreamingResponse(
+            reader.chunks(gzip=True), headers=headers, media_type=content_type(path)
+        )
+    return _FileResponse(reader, headers, content_type(path))
+
+
+class _FileResponse(Response):
+    """A whole file: sent by the kernel when envd's protocol offers it (``sendfile``), else
+    streamed in chunks."""
+
+    def __init__(self, reader: FileReader, headers: dict[str, str], media_type: str) -> None:
+        super().__init__(headers=headers, media_type=media_type)
+        self.reader = reader
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        file_body = scope.get("extensions", {}).get(FILE_BODY)
+        if file_body is None:
+            streamed = StreamingResponse(
+                self.reader.chunks(gzip=False), self.status_code, media_type=self.media_type
+            )
+            streamed.raw_headers = self.raw_headers
+            await streamed(scope, receive, send)
+            return
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
+            if scope["method"] != "HEAD":
+                await file_body["send"](self.reader.fd, 0, self.reader.size_bytes)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except SendFailed as err:
+            _log.info("files.download_cut", path=self.reader.path, reason=str(err))
+        finally:
+            self.reader.close()
 
 
 async def _gunzip(body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
