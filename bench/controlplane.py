@@ -1,8 +1,9 @@
 """Control plane figures: GET /v2/sandboxes throughput with 1,000 sandboxes on SQLite and
 PostgreSQL, and what the sandbox proxy costs on a 100 MB download and upload compared with
-talking to envd directly. Prints tables; asserts nothing.
+talking to envd directly, with envd as a local process and in a real guest. Prints tables;
+asserts nothing.
 
-    .venv/bin/python bench/controlplane.py
+    .venv/bin/python bench/controlplane.py [list] [proxy] [guest]
 
 What each row measures:
 - list: requests per second of GET /v2/sandboxes (one team owning 1,000 sandboxes, each with
@@ -24,7 +25,15 @@ What each row measures:
   best of each and, steadier on a shared machine, the median of the rounds' own ratios (a
   slow spell slows both sides of a round's ratio). CPU seconds (user +
   system) of each process per transfer, the least of the rounds: what each hop costs whatever
-  else competed for the cores meanwhile ("proxy" is the whole control plane process).
+  else competed for the cores meanwhile ("proxy" is the whole control plane process). envd
+  sends a download with sendfile(2), so a client on the same machine copies it out of the
+  page cache (cold), where the hops before it hand it over cache-hot: on one machine the
+  direct download is the slower for it (the client spends more CPU per byte).
+- guest (root and QEMU): the same through ``wrenn up`` (control plane, real host agent, a
+  QEMU guest from the base image): straight to the guest's envd at the address its host
+  dials (the sandbox's slot address), and through the proxy port as the SDK goes. Three
+  uploads per path (the guest's vCPU bounds them), then twenty rounds of downloads. CPU
+  seconds as above, "vm" being the sandbox's QEMU process.
 
 The control plane, the forwarding double and envd each run in a process of their own, and the
 measuring client in another, as they would on real machines (here they share its cores).
@@ -35,6 +44,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,6 +77,13 @@ CHUNK = 1 << 20
 PRODUCTION_PACE = {"lifecycle_interval_s": 1.0, "webhook_poll_s": 1.0}
 #: Transfers per path; the best counts (the machine is shared: fewer let noise decide).
 ROUNDS = 10
+#: Rounds against a real guest: uploads are slow (the guest's vCPU bounds them), downloads
+#: quick and noisier.
+GUEST_UPLOADS = 3
+GUEST_DOWNLOADS = 20
+GUEST_FILE = "/tmp/bench-blob"
+#: The address pools' slot index of the guest part (the e2e tests use 5, the other benches 7 and 9).
+GUEST_POOL_INDEX = 8
 
 
 # --- the child: a control plane to measure ----------------------------------------------
@@ -278,49 +296,56 @@ class CpuMeter:
 
 
 @dataclass
-class Transfer:
-    """One upload and one download: MB/s and CPU seconds per process."""
+class Moved:
+    """One 100 MB transfer: MB/s and CPU seconds per process."""
 
-    up_mb_s: float
-    down_mb_s: float
-    up_cpu_s: dict[str, float]
-    down_cpu_s: dict[str, float]
+    mb_s: float
+    cpu_s: dict[str, float]
 
 
-def transfer(url: str, headers: dict[str, str], path: str, meter: CpuMeter) -> Transfer:
-    """One 100 MB upload and one 100 MB download."""
+#: Per path, per direction ("upload", "download"): the rounds' transfers.
+Runs = dict[str, dict[str, list[Moved]]]
+
+
+def _blocks() -> Any:
     block = os.urandom(CHUNK)
+    sent = 0
+    while sent < SIZE:
+        piece = block[: min(CHUNK, SIZE - sent)]
+        sent += len(piece)
+        yield piece
 
-    def body() -> Any:
-        sent = 0
-        while sent < SIZE:
-            piece = block[: min(CHUNK, SIZE - sent)]
-            sent += len(piece)
-            yield piece
 
-    with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
-        before = meter.sample()
-        start = time.perf_counter()
-        resp = client.post(
-            "/files",
-            params={"path": path},
-            content=body(),
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        resp.raise_for_status()
-        up = SIZE / 10**6 / (time.perf_counter() - start)
-        up_cpu = meter.since(before)
-        before = meter.sample()
-        start = time.perf_counter()
-        got = 0
-        with client.stream("GET", "/files", params={"path": path}) as stream:
-            stream.raise_for_status()
-            for chunk in stream.iter_raw(CHUNK):
-                got += len(chunk)
-        down = got / 10**6 / (time.perf_counter() - start)
-        down_cpu = meter.since(before)
-        assert got == SIZE, got
-    return Transfer(up, down, up_cpu, down_cpu)
+def upload(client: httpx.Client, path: str, meter: CpuMeter) -> Moved:
+    """One 100 MB upload (chunked, as a generator body is)."""
+    before = meter.sample()
+    start = time.perf_counter()
+    resp = client.post(
+        "/files",
+        params={"path": path},
+        content=_blocks(),
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    resp.raise_for_status()
+    return Moved(SIZE / 10**6 / (time.perf_counter() - start), meter.since(before))
+
+
+def download(client: httpx.Client, path: str, meter: CpuMeter) -> Moved:
+    """One 100 MB download, read to the end."""
+    before = meter.sample()
+    start = time.perf_counter()
+    got = 0
+    with client.stream("GET", "/files", params={"path": path}) as stream:
+        stream.raise_for_status()
+        for chunk in stream.iter_raw(CHUNK):
+            got += len(chunk)
+    mb_s = got / 10**6 / (time.perf_counter() - start)
+    assert got == SIZE, got
+    return Moved(mb_s, meter.since(before))
+
+
+def record(runs: Runs, name: str, direction: str, moved: Moved) -> None:
+    runs.setdefault(name, {}).setdefault(direction, []).append(moved)
 
 
 def bench_list() -> None:
@@ -372,48 +397,37 @@ def bench_list() -> None:
     )
 
 
-def _throughput_table(runs: dict[str, list[Transfer]]) -> str:
+def _throughput_table(runs: Runs) -> str:
     """Best MB/s of each path and its ratio to the best direct one; beside it the median of
     the rounds' own ratios (each round measures every path back to back, so what slows the
     shared machine for a few seconds slows both sides of a round's ratio)."""
     direct = next(iter(runs.values()))
     rows = []
-    for name, ts in runs.items():
-        up, down = max(t.up_mb_s for t in ts), max(t.down_mb_s for t in ts)
-        paired_up = statistics.median(
-            d.up_mb_s / t.up_mb_s for d, t in zip(direct, ts, strict=True)
-        )
-        paired_down = statistics.median(
-            d.down_mb_s / t.down_mb_s for d, t in zip(direct, ts, strict=True)
-        )
-        best_up = max(t.up_mb_s for t in direct)
-        best_down = max(t.down_mb_s for t in direct)
-        rows.append(
-            [
-                name,
-                f"{up:,.0f}",
-                f"{best_up / up:.2f}",
-                f"{paired_up:.2f}",
-                f"{down:,.0f}",
-                f"{best_down / down:.2f}",
-                f"{paired_down:.2f}",
-            ]
-        )
+    for name, directions in runs.items():
+        row: list[object] = [name]
+        for direction in ("upload", "download"):
+            ts, ds = directions[direction], direct[direction]
+            best, best_direct = max(t.mb_s for t in ts), max(d.mb_s for d in ds)
+            paired = statistics.median(d.mb_s / t.mb_s for d, t in zip(ds, ts, strict=True))
+            row += [f"{best:,.0f}", f"{best_direct / best:.2f}", f"{paired:.2f}"]
+        rows.append(row)
+    rounds = {direction: len(ts) for direction, ts in direct.items()}
     return table(
-        f"100 MB through /files, {len(direct)} rounds (MB/s: best of each; ratio = direct / this,"
-        " of the bests and the median of each round's own)",
+        f"100 MB through /files, {rounds['upload']} uploads and {rounds['download']} downloads"
+        " per path (MB/s: best of each; ratio = direct / this, of the bests and the median of"
+        " each round's own)",
         ["path", "upload", "ratio", "median", "download", "ratio", "median"],
         rows,
     )
 
 
-def _cpu_table(runs: dict[str, list[Transfer]], procs: list[str]) -> str:
+def _cpu_table(runs: Runs, procs: list[str]) -> str:
     """Least CPU seconds per process over the rounds: the cost of a hop, whatever else
     competed for the cores meanwhile."""
     rows: list[list[object]] = []
-    for name, ts in runs.items():
+    for name, directions in runs.items():
         for direction in ("upload", "download"):
-            used = [t.up_cpu_s if direction == "upload" else t.down_cpu_s for t in ts]
+            used = [m.cpu_s for m in directions[direction]]
             least = {proc: min(u[proc] for u in used) for proc in procs}
             total = min(sum(u.values()) for u in used)
             rows.append(
@@ -460,10 +474,13 @@ def bench_proxy() -> None:
                 "envd": envd.proc.pid,
             }
         )
-        runs: dict[str, list[Transfer]] = {name: [] for name, _, _ in paths}
+        runs: Runs = {}
         for _ in range(ROUNDS):  # interleaved, best of each: the machine is shared
             for i, (name, url, headers) in enumerate(paths):
-                runs[name].append(transfer(url, headers, f"{workdir}/blob{i}", meter))
+                with httpx.Client(base_url=url, headers=headers, timeout=600) as client:
+                    path = f"{workdir}/blob{i}"
+                    record(runs, name, "upload", upload(client, path, meter))
+                    record(runs, name, "download", download(client, path, meter))
         print()
         print(_throughput_table(runs))
         print()
@@ -478,13 +495,97 @@ def bench_proxy() -> None:
         os.rmdir(workdir)
 
 
+_STARTED = re.compile(r"^(\w+)\s*\| started \(pid (\d+)\)", re.M)
+
+
+def bench_guest() -> None:
+    from e2b import Sandbox
+
+    from tests.e2e.conftest import Stack as Up
+    from tests.integration.agent.agent_harness import AgentHome
+    from wrenn.agent.images import build_base
+    from wrenn.gen.hostagent import hostagent_pb as pb
+    from wrenn.gen.hostagent.hostagent_connect import HostAgentClient
+
+    if os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None:
+        print("\nguest: skipped (needs root and QEMU)")
+        return
+    image = build_base(Path(os.environ.get("WRENN_TEST_STATE_DIR", "/var/lib/wrenn")))
+    home = AgentHome.make(image, index=GUEST_POOL_INDEX, slots=2)
+    up: Any = None
+    sbx: Sandbox | None = None
+    try:
+        up = Up(home)
+        for name in ("E2B_DEBUG", "E2B_DOMAIN", "E2B_ACCESS_TOKEN"):
+            os.environ.pop(name, None)
+        os.environ.update(up.quickstart.env)
+        sbx = Sandbox.create(timeout=1800)
+
+        async def address() -> str:
+            agent = HostAgentClient(f"http://127.0.0.1:{up.agent_port}")
+            try:
+                listed = await agent.list_sandboxes(pb.ListSandboxesRequest())
+            finally:
+                await agent.close()
+            return next(s.address for s in listed.sandboxes if s.sandbox_id == sbx.sandbox_id)
+
+        direct = f"http://{asyncio.run(address())}:49983"
+        pids = {name: int(pid) for name, pid in _STARTED.findall(up.run_output())}
+        vmm = next(
+            p
+            for p in psutil.Process(pids["agent"]).children(recursive=True)
+            if p.name().startswith("qemu")
+        )
+        auth = {"X-Access-Token": sbx._envd_access_token or ""}
+        paths = [
+            ("guest directly (its host address)", direct, auth),
+            (
+                "proxy -> agent -> guest",
+                up.quickstart.env["E2B_SANDBOX_URL"],
+                {**auth, "E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"},
+            ),
+        ]
+        meter = CpuMeter(
+            {"client": os.getpid(), "proxy": pids["cp"], "agent": pids["agent"], "vm": vmm.pid}
+        )
+        runs: Runs = {}
+        clients = [
+            (name, httpx.Client(base_url=url, headers=headers, timeout=600))
+            for name, url, headers in paths
+        ]
+        try:
+            for _ in range(GUEST_UPLOADS):  # slow, and the same for every path
+                for name, client in clients:
+                    record(runs, name, "upload", upload(client, GUEST_FILE, meter))
+            for _ in range(GUEST_DOWNLOADS):
+                for name, client in clients:
+                    record(runs, name, "download", download(client, GUEST_FILE, meter))
+        finally:
+            for _, client in clients:
+                client.close()
+        print()
+        print(f"guest: {image.dir.name}, one sandbox (TCG), wrenn up on this machine")
+        print(_throughput_table(runs))
+        print()
+        print(_cpu_table(runs, list(meter.procs)))
+    finally:
+        if sbx is not None:
+            sbx.kill()
+        if up is not None:
+            up.stop()
+            up.kill_children()
+        home.scrub()
+
+
 def main(parts: list[str]) -> None:
-    """``bench/controlplane.py [list] [proxy]``: the parts named, or both."""
+    """``bench/controlplane.py [list] [proxy] [guest]``: the parts named, or all."""
     print(machine())
     if not parts or "list" in parts:
         bench_list()
     if not parts or "proxy" in parts:
         bench_proxy()
+    if not parts or "guest" in parts:
+        bench_guest()
 
 
 if __name__ == "__main__":

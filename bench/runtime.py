@@ -13,6 +13,10 @@ What each row measures (a real ``wrenn-agent`` process on a scratch state direct
   state into a namespace with a tap, until envd answers /health — the floor under "create".
 - pause / resume: PauseSandbox (prepare, snapshot, memory diff stored, VM freed) and
   ResumeSandbox (materialise, restore, /init).
+- /files upload / download: 100 MB (10^6 bytes) into and out of a guest's envd through the
+  agent's forwarding path (``/sandboxes/{id}/port/49983/files``), as the proxy reaches it:
+  an octet-stream upload, then the download read to the end, with a streaming httpx client;
+  MB/s per transfer. The guest's vCPU (TCG) is what bounds both.
 - RSS per idle sandbox: resident memory of a sandbox's QEMU process, 5 s after its creation
   (with its PSS, and the page cache its memory image holds, which RSS does not count).
 """
@@ -31,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,6 +54,8 @@ from wrenn.gen.hostagent.hostagent_connect import HostAgentClient
 
 COLD_BOOTS = 2
 IDLE_SANDBOXES = 3
+TRANSFER_BYTES = 100 * 10**6
+TRANSFERS = 5
 
 
 def ms(seconds: float) -> str:
@@ -140,6 +147,37 @@ def log_events(agent: Agent) -> list[dict[str, Any]]:
     return events
 
 
+def transfers(url: str, *, runs: int) -> tuple[list[float], list[float]]:
+    """MB/s of ``runs`` uploads of 100 MB into the guest and as many downloads."""
+    block = os.urandom(1 << 20)
+
+    def body() -> Any:
+        for start in range(0, TRANSFER_BYTES, len(block)):
+            yield block[: min(len(block), TRANSFER_BYTES - start)]
+
+    params = {"path": "/tmp/bench-blob", "username": "root"}
+    uploads, downloads = [], []
+    with httpx.Client(base_url=url, timeout=600) as http:
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            http.post(
+                "/files",
+                params=params,
+                content=body(),
+                headers={"Content-Type": "application/octet-stream"},
+            ).raise_for_status()
+            uploads.append(TRANSFER_BYTES / 10**6 / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            got = 0
+            with http.stream("GET", "/files", params=params) as stream:
+                stream.raise_for_status()
+                for chunk in stream.iter_raw(1 << 20):
+                    got += len(chunk)
+            assert got == TRANSFER_BYTES, got
+            downloads.append(got / 10**6 / (time.perf_counter() - t0))
+    return uploads, downloads
+
+
 def vmm_memory(home: AgentHome) -> list[tuple[int, int]]:
     """(RSS, PSS) of every sandbox's VMM process."""
     out = []
@@ -198,6 +236,12 @@ async def bench(image: GuestImage, runs: int) -> None:
                 resumes.append(time.perf_counter() - t0)
             await destroy(client, "p")
 
+            await create(client, "files")
+            uploads, downloads = await asyncio.to_thread(
+                transfers, agent.forward_url("files", 49983), runs=TRANSFERS
+            )
+            await destroy(client, "files")
+
             idle = [f"idle{i}" for i in range(IDLE_SANDBOXES)]
             for sandbox_id in idle:
                 await create(client, sandbox_id)
@@ -247,8 +291,27 @@ async def bench(image: GuestImage, runs: int) -> None:
         row("pause (snapshot, diff stored, VM freed)", pauses),
         row("resume (restore → /init answered)", resumes),
     ]
+    mb_s = ["upload", "download"]
+    transfer_rows = [
+        [
+            f"{name} 100 MB",
+            len(rates),
+            f"{p50(rates):.0f}",
+            f"{min(rates):.0f}",
+            f"{max(rates):.0f}",
+        ]
+        for name, rates in zip(mb_s, (uploads, downloads), strict=True)
+    ]
     print(f"machine: {machine()}")
     print(table("host agent", ["", "n", "p50", "p95", "note"], rows))
+    print()
+    print(
+        table(
+            "/files through the agent's forwarding path (MB/s)",
+            ["", "n", "p50", "min", "max"],
+            transfer_rows,
+        )
+    )
     mib = 1 << 20
     per_sandbox = sum(rss) / max(len(rss), 1) / mib
     metric = sum(m.metrics.vmm_rss_bytes for m in reported if m.metrics) / len(reported) / mib
