@@ -8,6 +8,7 @@ import pytest
 from e2b import Sandbox
 
 from tests.conftest import EnvdProcess
+from tests.envd.rawhttp import RawConn
 
 
 def connect(envd: EnvdProcess) -> Sandbox:
@@ -19,3 +20,12 @@ def connect(envd: EnvdProcess) -> Sandbox:
 @pytest.fixture
 def sandbox(envd: EnvdProcess) -> Iterator[Sandbox]:
     yield connect(envd)
+
+
+@pytest.fixture
+def conns() -> Iterator[list[RawConn]]:
+    """Connections a test opens (``rawhttp.open_conn``), closed after it."""
+    made: list[RawConn] = []
+    yield made
+    for conn in made:
+        conn.close()

@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import EnvdProcess
-from tests.envd.test_conntrack import SAFETY_TIMEOUT_S, RawConn
+from tests.envd.rawhttp import SAFETY_TIMEOUT_S, RawConn, open_conn
 
 BIG = 64 << 20
 
@@ -34,20 +34,6 @@ def files() -> Iterator[Path]:
     (path / "one").write_bytes(b"x")
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def conns() -> Iterator[list[RawConn]]:
-    made: list[RawConn] = []
-    yield made
-    for conn in made:
-        conn.close()
-
-
-def open_conn(envd: EnvdProcess, made: list[RawConn]) -> RawConn:
-    conn = RawConn(envd.port)
-    made.append(conn)
-    return conn
 
 
 def target(path: Path) -> str:
