@@ -5,6 +5,7 @@ or reset). Socket timeouts are safety nets, never assertions about speed."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import h11
@@ -35,10 +36,12 @@ class RawConn:
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def request(self, method: str, path: str, body: bytes = b"") -> Reply:
+    def request(
+        self, method: str, path: str, body: bytes = b"", headers: Sequence[tuple[str, str]] = ()
+    ) -> Reply:
         if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
             self.h11.start_next_cycle()
-        headers = [("Host", "envd"), ("Content-Length", str(len(body)))]
+        headers = [("Host", "envd"), ("Content-Length", str(len(body))), *headers]
         self.sock.sendall(self.h11.send(h11.Request(method=method, target=path, headers=headers)))
         if body:
             self.sock.sendall(self.h11.send(h11.Data(data=body)))

@@ -2,8 +2,8 @@
 
 uvicorn has no connection-state hook, so ``protocol_class`` subclasses its httptools protocol to
 report connection open/close and request begin/finish to a ``ConnTracker`` (and to give every
-connection a ``CoalescingTransport``, see ``coalesce``, and its requests a ``FileSender``, see
-``sendfile``).
+connection a ``CoalescingTransport``, see ``coalesce``, and its requests a ``FileSender`` and a
+``BodyReceiver``, see ``sendfile`` and ``splicebody``).
 
 Snapshot contract:
 
@@ -32,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from wrenn import log
 from wrenn.envd.coalesce import CoalescingTransport
 from wrenn.envd.sendfile import FILE_BODY, FileSender
+from wrenn.envd.splicebody import UPLOAD_BODY, BodyReceiver
 
 _log = log.get(__name__)
 
@@ -175,6 +176,7 @@ class TrackedHttpToolsProtocol(HttpToolsProtocol):
     tracker: ClassVar[ConnTracker]
     _conn: Conn | None = None
     _files: FileSender | None = None
+    _bodies: BodyReceiver | None = None
 
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
@@ -183,12 +185,15 @@ class TrackedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(coalescing)
         self._conn = self.tracker.opened(coalescing, self, self.client)
         self._files = FileSender(coalescing)
+        self._bodies = BodyReceiver(self, coalescing)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self.tracker.closed(self._conn)
         if self._files is not None:
             self._files.connection_lost()
+        if self._bodies is not None:
+            self._bodies.connection_lost()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -200,11 +205,18 @@ class TrackedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         scope = self.scope
         super().on_headers_complete()
-        if self._files is not None and self.cycle is not None and self.cycle.scope is scope:
+        cycle = self.cycle
+        if self._files and self._bodies and cycle is not None and cycle.scope is scope:
             extensions: dict[str, Any] = scope.setdefault("extensions", {})
-            extensions[FILE_BODY] = self._files.extension(self.cycle)
+            extensions[FILE_BODY] = self._files.extension(cycle)
+            extensions[UPLOAD_BODY] = self._bodies.extension(cycle)
         if not self.tracker.keep_alive and self.cycle is not None:
             self.cycle.keep_alive = False
+
+    def on_body(self, body: bytes) -> None:
+        if self._bodies is not None and self._bodies.owns(self.cycle):
+            return  # spliced into a file already; this connection closes after the response
+        super().on_body(body)
 
     def on_response_complete(self) -> None:
         if self._conn is not None:

@@ -22,7 +22,7 @@ import contextlib
 import mimetypes
 import os
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from email.utils import formatdate
 from typing import Any
 
@@ -39,10 +39,13 @@ from wrenn.envd.defaults import Defaults
 from wrenn.envd.filesystem import paths
 from wrenn.envd.filesystem.transfer import FileReader, FileWriter
 from wrenn.envd.sendfile import FILE_BODY, SendFailed
+from wrenn.envd.splicebody import UPLOAD_BODY, UploadCut, content_length
 
 _log = log.get(__name__)
 
 METADATA_HEADER_PREFIX = "x-metadata-"
+#: Raw bodies at least this long are spliced into their file (and end their connection).
+SPLICE_MIN_BYTES = 1 << 20
 SUPPORTED_ENCODINGS = ("gzip",)
 
 
@@ -232,7 +235,8 @@ async def upload(request: Request) -> Response:
     query_path = request.query_params.get("path")
     metadata = _metadata(request)
     body: AsyncIterator[bytes] = request.stream()
-    if request_encoding(request.headers.get("content-encoding")) == "gzip":
+    gzipped = request_encoding(request.headers.get("content-encoding")) == "gzip"
+    if gzipped:
         body = _gunzip(body)
     media_type, options = parse_options_header(request.headers.get("content-type", ""))
     try:
@@ -240,7 +244,8 @@ async def upload(request: Request) -> Response:
             if not query_path:
                 raise InvalidArgument("path query parameter is required for raw body upload")
             path = paths.resolve(query_path, user, defaults.workdir)
-            await _write_one(user, path, body, metadata)
+            spliced = None if gzipped else _spliced(request)
+            await _write_one(user, path, spliced or body, metadata)
             written = [_written(path, metadata)]
         elif media_type.startswith(b"multipart/"):
             boundary = options.get(b"boundary")
@@ -253,19 +258,36 @@ async def upload(request: Request) -> Response:
                 f"unsupported content type: {request.headers.get('content-type', '')}, "
                 "expected multipart/form-data or application/octet-stream"
             )
-    except ClientDisconnect:
-        _log.info("files.upload_aborted", reason="client disconnected")
+    except (ClientDisconnect, UploadCut) as err:
+        _log.info("files.upload_aborted", reason=str(err) or "client disconnected")
         return Response(status_code=400)
     return JSONResponse(written)
 
 
+def _spliced(request: Request) -> Callable[[int], Awaitable[None]] | None:
+    """The kernel's way in for this body, when envd's protocol offers it and the body is
+    long enough to be worth its connection (``splicebody``)."""
+    offered = request.scope.get("extensions", {}).get(UPLOAD_BODY)
+    length = content_length(request.scope)
+    if offered is None or length is None or length < SPLICE_MIN_BYTES:
+        return None
+    receive: Callable[[int], Awaitable[None]] = offered["receive"]
+    return receive
+
+
 async def _write_one(
-    user: users.User, path: str, body: AsyncIterator[bytes], metadata: dict[str, str]
+    user: users.User,
+    path: str,
+    body: AsyncIterator[bytes] | Callable[[int], Awaitable[None]],
+    metadata: dict[str, str],
 ) -> None:
     writer = await FileWriter.open(user, path)
     try:
-        async for chunk in body:
-            await writer.write(chunk)
+        if callable(body):
+            await writer.receive(body)
+        else:
+            async for chunk in body:
+                await writer.write(chunk)
         await writer.set_metadata(metadata)
         await writer.close()
     except BaseException:

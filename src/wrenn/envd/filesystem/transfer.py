@@ -13,7 +13,7 @@ import contextlib
 import os
 import stat
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from wrenn.core.errors import InvalidArgument, from_os_error
@@ -173,6 +173,16 @@ class FileWriter:
         pending, self._pending = self._pending, None
         try:
             await pending
+        except OSError as err:
+            raise from_os_error(err, self.path) from err
+
+    async def receive(self, receive: Callable[[int], Awaitable[None]]) -> None:
+        """Let ``receive`` write into the file at its current offset (after what is
+        buffered here): the kernel moving a request body in (``envd.splicebody``)."""
+        await self._flush()
+        await self._wait()
+        try:
+            await receive(self.fd)
         except OSError as err:
             raise from_os_error(err, self.path) from err
 
