@@ -15,8 +15,10 @@ What each row measures (a real ``wrenn-agent`` process on a scratch state direct
   ResumeSandbox (materialise, restore, /init).
 - /files upload / download: 100 MB (10^6 bytes) into and out of a guest's envd through the
   agent's forwarding path (``/sandboxes/{id}/port/49983/files``), as the proxy reaches it:
-  an octet-stream upload, then the download read to the end, with a streaming httpx client;
-  MB/s per transfer. The guest's vCPU (TCG) is what bounds both.
+  octet-stream uploads from a file object (with its Content-Length, as the SDK's files.write
+  sends a binary file: envd splices it into the file) and from a generator (chunked: envd
+  streams it), then the download read to the end, with a streaming httpx client; MB/s per
+  transfer. The guest's vCPU (TCG) is what bounds both.
 - RSS per idle sandbox: resident memory of a sandbox's QEMU process, 5 s after its creation
   (with its PSS, and the page cache its memory image holds, which RSS does not count).
 """
@@ -31,6 +33,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -55,6 +58,9 @@ from wrenn.gen.hostagent.hostagent_connect import HostAgentClient
 COLD_BOOTS = 2
 IDLE_SANDBOXES = 3
 TRANSFER_BYTES = 100 * 10**6
+UPLOAD_SIZED = "upload 100 MB, Content-Length (a file object)"
+UPLOAD_CHUNKED = "upload 100 MB, chunked (a generator)"
+DOWNLOAD = "download 100 MB"
 TRANSFERS = 5
 
 
@@ -147,8 +153,9 @@ def log_events(agent: Agent) -> list[dict[str, Any]]:
     return events
 
 
-def transfers(url: str, *, runs: int) -> tuple[list[float], list[float]]:
-    """MB/s of ``runs`` uploads of 100 MB into the guest and as many downloads."""
+def transfers(url: str, *, runs: int) -> dict[str, list[float]]:
+    """MB/s of ``runs`` rounds of 100 MB: an upload from a file object (Content-Length), one
+    from a generator (chunked), and a download."""
     block = os.urandom(1 << 20)
 
     def body() -> Any:
@@ -156,17 +163,19 @@ def transfers(url: str, *, runs: int) -> tuple[list[float], list[float]]:
             yield block[: min(len(block), TRANSFER_BYTES - start)]
 
     params = {"path": "/tmp/bench-blob", "username": "root"}
-    uploads, downloads = [], []
-    with httpx.Client(base_url=url, timeout=600) as http:
+    octets = {"Content-Type": "application/octet-stream"}
+    rates: dict[str, list[float]] = {UPLOAD_SIZED: [], UPLOAD_CHUNKED: [], DOWNLOAD: []}
+    with tempfile.TemporaryFile() as source, httpx.Client(base_url=url, timeout=600) as http:
+        for piece in body():
+            source.write(piece)
         for _ in range(runs):
-            t0 = time.perf_counter()
-            http.post(
-                "/files",
-                params=params,
-                content=body(),
-                headers={"Content-Type": "application/octet-stream"},
-            ).raise_for_status()
-            uploads.append(TRANSFER_BYTES / 10**6 / (time.perf_counter() - t0))
+            for name, content in ((UPLOAD_SIZED, source), (UPLOAD_CHUNKED, body())):
+                source.seek(0)
+                t0 = time.perf_counter()
+                http.post(
+                    "/files", params=params, content=content, headers=octets
+                ).raise_for_status()
+                rates[name].append(TRANSFER_BYTES / 10**6 / (time.perf_counter() - t0))
             t0 = time.perf_counter()
             got = 0
             with http.stream("GET", "/files", params=params) as stream:
@@ -174,8 +183,8 @@ def transfers(url: str, *, runs: int) -> tuple[list[float], list[float]]:
                 for chunk in stream.iter_raw(1 << 20):
                     got += len(chunk)
             assert got == TRANSFER_BYTES, got
-            downloads.append(got / 10**6 / (time.perf_counter() - t0))
-    return uploads, downloads
+            rates[DOWNLOAD].append(got / 10**6 / (time.perf_counter() - t0))
+    return rates
 
 
 def vmm_memory(home: AgentHome) -> list[tuple[int, int]]:
@@ -237,7 +246,7 @@ async def bench(image: GuestImage, runs: int) -> None:
             await destroy(client, "p")
 
             await create(client, "files")
-            uploads, downloads = await asyncio.to_thread(
+            moved = await asyncio.to_thread(
                 transfers, agent.forward_url("files", 49983), runs=TRANSFERS
             )
             await destroy(client, "files")
@@ -291,16 +300,9 @@ async def bench(image: GuestImage, runs: int) -> None:
         row("pause (snapshot, diff stored, VM freed)", pauses),
         row("resume (restore → /init answered)", resumes),
     ]
-    mb_s = ["upload", "download"]
     transfer_rows = [
-        [
-            f"{name} 100 MB",
-            len(rates),
-            f"{p50(rates):.0f}",
-            f"{min(rates):.0f}",
-            f"{max(rates):.0f}",
-        ]
-        for name, rates in zip(mb_s, (uploads, downloads), strict=True)
+        [name, len(rates), f"{p50(rates):.0f}", f"{min(rates):.0f}", f"{max(rates):.0f}"]
+        for name, rates in moved.items()
     ]
     print(f"machine: {machine()}")
     print(table("host agent", ["", "n", "p50", "p95", "note"], rows))

@@ -5,6 +5,7 @@ kill. The commands, files and PTY tests share one sandbox: none changes what ano
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from collections.abc import Iterator
@@ -82,8 +83,14 @@ def test_files(sbx: Sandbox) -> None:
     sbx.files.write(f"{root}/blob.bin", blob)
     assert sbx.files.read(f"{root}/blob.bin", format="bytes") == blob
     assert sbx.commands.run(f"stat -c %s {root}/blob.bin").stdout == f"{len(blob)}\n"
+    # A binary file object goes with its length: envd splices it into the file, and the
+    # connection it came on ends; the next calls find their way all the same.
+    spliced = os.urandom(5 << 20)
+    sbx.files.write(f"{root}/spliced.bin", io.BytesIO(spliced))
+    assert sbx.files.read(f"{root}/spliced.bin", format="bytes") == spliced
+    assert sbx.commands.run(f"stat -c %U {root}/spliced.bin").stdout == "user\n"
 
-    assert sorted(e.name for e in sbx.files.list(root)) == ["blob.bin", "hello.txt"]
+    assert sorted(e.name for e in sbx.files.list(root)) == ["blob.bin", "hello.txt", "spliced.bin"]
     sbx.files.rename(f"{root}/hello.txt", f"{root}/moved.txt")
     assert not sbx.files.exists(f"{root}/hello.txt")
     assert sbx.files.get_info(f"{root}/moved.txt").size == len("hello\n")
