@@ -82,6 +82,9 @@ class SandboxRecord(BaseModel):
     default_user: str | None = None
     default_workdir: str | None = None
     allow_internet_access: bool = False
+    #: Destinations always / never reachable from the guest (IPv4 CIDR blocks).
+    allow_out: list[str] = []
+    deny_out: list[str] = []
     started_at_ms: int
     disk_id: str
     #: The build a paused sandbox resumes from.

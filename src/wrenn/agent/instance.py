@@ -37,7 +37,7 @@ from wrenn.agent.envdclient import EnvdClient, never_sent
 from wrenn.agent.guestconns import GuestConnections
 from wrenn.agent.images import GuestImage
 from wrenn.agent.memory import MemoryImages, VmMemory
-from wrenn.agent.network import Slot, SlotPool
+from wrenn.agent.network import Egress, Slot, SlotPool
 from wrenn.agent.runtime import Runtime
 from wrenn.agent.snapshots import DeviceInput, Manifest, SnapshotStore
 from wrenn.agent.steps import Steps
@@ -105,7 +105,7 @@ class Shape:
     vcpus: int
     memory_mib: int
     disk: Path
-    internet_access: bool = False
+    egress: Egress = field(default_factory=Egress)
 
 
 class Instance:
@@ -289,7 +289,7 @@ async def start(
     steps = steps or Steps()
     stack = contextlib.AsyncExitStack()
     try:
-        slot = await host.pool.acquire(internet_access=shape.internet_access)
+        slot = await host.pool.acquire(egress=shape.egress)
         # Reset in the background once the VM is gone: a create that finds no free slot
         # waits for it.
         stack.callback(host.pool.release_soon, slot)

@@ -53,7 +53,7 @@ from wrenn.agent.guestlogs import GuestLogs, LogEntry, console_path
 from wrenn.agent.images import GuestImage, build_base
 from wrenn.agent.instance import FromBuild, Held, HostResources, Instance, Shape
 from wrenn.agent.memory import MemoryImages
-from wrenn.agent.network import NetworkPlan, SlotPool
+from wrenn.agent.network import Egress, NetworkPlan, SlotPool
 from wrenn.agent.pending import PendingBuilds
 from wrenn.agent.sandbox import Sandbox, SandboxState, SandboxView
 from wrenn.agent.snapshots import LocalSnapshotStore
@@ -95,7 +95,7 @@ class CreateParams:
     memory_mib: int = 0
     env_vars: dict[str, str] = field(default_factory=dict)
     envd_access_token: str = ""
-    allow_internet_access: bool = False
+    egress: Egress = field(default_factory=Egress)
     metadata: dict[str, str] = field(default_factory=dict)
     default_user: str | None = None
     default_workdir: str | None = None
@@ -472,7 +472,7 @@ class Manager:
                         "metadata": dict(params.metadata),
                         "default_user": params.default_user or DEFAULT_USER,
                         "default_workdir": params.default_workdir,
-                        "allow_internet_access": params.allow_internet_access,
+                        **_egress_fields(params.egress),
                     }
                 )
                 disk = await self.disks.clone(str(source.build_id), params.sandbox_id)
@@ -520,7 +520,7 @@ class Manager:
             vcpus=record.vcpus,
             memory_mib=record.memory_mib,
             disk=disk,
-            internet_access=record.allow_internet_access,
+            egress=_egress_of(record),
         )
 
     @staticmethod
@@ -621,8 +621,9 @@ class Manager:
         sandbox.state = SandboxState.RUNNING
 
     async def resume(
-        self, sandbox_id: str, *, envd_access_token: str = "", allow_internet_access: bool = False
+        self, sandbox_id: str, *, envd_access_token: str = "", egress: Egress | None = None
     ) -> SandboxView:
+        """Resume a paused sandbox; ``egress`` replaces the one it had when given."""
         host = self._require_host()
         sandbox = self.get(sandbox_id)
         async with sandbox.lock:
@@ -652,7 +653,7 @@ class Manager:
                     )
                 resumed = record.model_copy(
                     update={
-                        "allow_internet_access": allow_internet_access,
+                        **(_egress_fields(egress) if egress is not None else {}),
                         "build_id": None,
                         "envd_access_token": envd_access_token or record.envd_access_token,
                     }
@@ -694,6 +695,21 @@ class Manager:
             steps_ms=steps.ms,
         )
         return sandbox.view()
+
+    async def update_network(self, sandbox_id: str, egress: Egress) -> None:
+        """Replace a running sandbox's egress (its slot's rules, then its record)."""
+        sandbox = self.get(sandbox_id)
+        async with sandbox.lock:
+            vm = sandbox.running()
+            await vm.slot.set_egress(egress)
+            sandbox.record = sandbox.record.model_copy(update=_egress_fields(egress))
+        _log.info(
+            "sandbox.network_updated",
+            sandbox_id=sandbox_id,
+            internet=egress.internet,
+            allow_out=len(egress.allow),
+            deny_out=len(egress.deny),
+        )
 
     # -- named snapshots ---------------------------------------------------------------------
 
@@ -891,3 +907,18 @@ class Manager:
             snapshots=self.catalog.snapshots.all(),
             version=_version(),
         )
+
+
+def _egress_fields(egress: Egress) -> dict[str, object]:
+    """``egress`` as a sandbox record holds it."""
+    return {
+        "allow_internet_access": egress.internet,
+        "allow_out": egress.allow_out,
+        "deny_out": egress.deny_out,
+    }
+
+
+def _egress_of(record: SandboxRecord) -> Egress:
+    return Egress.parse(
+        internet=record.allow_internet_access, allow=record.allow_out, deny=record.deny_out
+    )

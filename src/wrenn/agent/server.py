@@ -20,6 +20,7 @@ from wrenn.agent.catalog import SnapshotRecord
 from wrenn.agent.config import AgentSettings
 from wrenn.agent.edge import ErrorInterceptor
 from wrenn.agent.manager import CreateParams, Manager
+from wrenn.agent.network import Egress
 from wrenn.agent.sandbox import SandboxState, SandboxView
 from wrenn.core import http1
 from wrenn.gen.hostagent import hostagent_pb as pb
@@ -60,6 +61,14 @@ def _snapshot(record: SnapshotRecord) -> pb.SnapshotInfo:
     )
 
 
+def _egress(
+    request: pb.CreateSandboxRequest | pb.ResumeSandboxRequest | pb.UpdateSandboxNetworkRequest,
+) -> Egress:
+    return Egress.parse(
+        internet=request.allow_internet_access, allow=request.allow_out, deny=request.deny_out
+    )
+
+
 class HostAgentService(HostAgent):
     """Implements the generated ``HostAgent`` protocol on a ``Manager``."""
 
@@ -78,7 +87,7 @@ class HostAgentService(HostAgent):
                 memory_mib=request.memory_mib,
                 env_vars=dict(request.env_vars),
                 envd_access_token=request.envd_access_token,
-                allow_internet_access=request.allow_internet_access,
+                egress=_egress(request),
                 metadata=dict(request.metadata),
                 default_user=request.default_user or None,
                 default_workdir=request.default_workdir or None,
@@ -104,9 +113,15 @@ class HostAgentService(HostAgent):
         view = await self._manager.resume(
             request.sandbox_id,
             envd_access_token=request.envd_access_token,
-            allow_internet_access=request.allow_internet_access,
+            egress=_egress(request),
         )
         return pb.ResumeSandboxResponse(sandbox=_sandbox(view))
+
+    async def update_sandbox_network(
+        self, request: pb.UpdateSandboxNetworkRequest, ctx: Any, /
+    ) -> pb.UpdateSandboxNetworkResponse:
+        await self._manager.update_network(request.sandbox_id, _egress(request))
+        return pb.UpdateSandboxNetworkResponse()
 
     async def create_snapshot(
         self, request: pb.CreateSnapshotRequest, ctx: Any, /

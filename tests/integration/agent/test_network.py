@@ -32,6 +32,7 @@ from wrenn.agent.network import (
     GUEST_MAC,
     GUEST_PREFIX_LEN,
     TAP_NAME,
+    Egress,
     NetworkPlan,
     Slot,
     SlotPool,
@@ -52,6 +53,10 @@ ENVD_PORT = 49983
 #: TEST-NET-3, only ever routed into the internet double's namespace.
 INTERNET_HOST_IP = IPv4Address("203.0.113.1")
 INTERNET_SERVER_IP = IPv4Address("203.0.113.2")
+#: A second destination out there, routed through the first.
+FAR_SERVER_IP = IPv4Address("198.51.100.7")
+#: Everything let out.
+OPEN = Egress(internet=True)
 DIAL_TIMEOUT_S = 2.0
 
 _CLONE_NEWNET = 0x40000000
@@ -243,8 +248,12 @@ class InternetDouble:
             with IPRoute(netns=self.netns, flags=0) as ipr:
                 eth0 = ipr.link_lookup(ifname="eth0")[0]
                 ipr.addr("add", index=eth0, address=str(INTERNET_SERVER_IP), prefixlen=30)
+                ipr.addr("add", index=eth0, address=str(FAR_SERVER_IP), prefixlen=32)
                 ipr.link("set", index=eth0, state="up")
+            with IPRoute() as ipr:
+                ipr.route("add", dst=f"{FAR_SERVER_IP}/32", gateway=str(INTERNET_SERVER_IP))
             self.server = TagServer(socket_in(self.netns), INTERNET_SERVER_IP, 0, "internet")
+            self.far = TagServer(socket_in(self.netns), FAR_SERVER_IP, 0, "far")
         except BaseException:
             self._remove()
             raise
@@ -259,6 +268,7 @@ class InternetDouble:
 
     def close(self) -> None:
         self.server.close()
+        self.far.close()
         self._remove()
 
 
@@ -401,7 +411,7 @@ async def test_internet_access_gates_connections_the_guest_opens(
     servers: list[TagServer],
 ) -> None:
     inet = await internet(plan, doubles)
-    slot = await pool.acquire(internet_access=True)
+    slot = await pool.acquire(egress=OPEN)
     double = await guest(plan, slot, doubles)
     port = inet.server.port
 
@@ -409,13 +419,47 @@ async def test_internet_access_gates_connections_the_guest_opens(
     reply = await asyncio.to_thread(double.dial, INTERNET_SERVER_IP, port)
     assert reply == f"internet {INTERNET_HOST_IP}"
 
-    await slot.set_internet_access(False)
-    assert slot.internet_access is False
+    await slot.set_egress(Egress())
+    assert slot.egress == Egress()
     with pytest.raises(OSError):
         await asyncio.to_thread(double.dial, INTERNET_SERVER_IP, port)
 
-    await slot.set_internet_access(True)
+    await slot.set_egress(OPEN)
     assert await asyncio.to_thread(double.dial, INTERNET_SERVER_IP, port) == reply
+
+
+async def test_allowed_and_denied_destinations_come_before_the_internet(
+    plan: NetworkPlan,
+    pool: SlotPool,
+    doubles: list[GuestNicDouble | InternetDouble],
+    servers: list[TagServer],
+) -> None:
+    inet = await internet(plan, doubles)
+    slot = await pool.acquire(egress=Egress.parse(internet=False, allow=[str(INTERNET_SERVER_IP)]))
+    double = await guest(plan, slot, doubles)
+
+    async def reaches(address: IPv4Address, port: int) -> bool:
+        try:
+            await asyncio.to_thread(double.dial, address, port)
+        except OSError:
+            return False
+        return True
+
+    near, far = (INTERNET_SERVER_IP, inet.server.port), (FAR_SERVER_IP, inet.far.port)
+    # No internet, one address allowed.
+    assert [await reaches(*near), await reaches(*far)] == [True, False]
+    # The internet but a denied block.
+    await slot.set_egress(Egress.parse(internet=True, deny=["198.51.100.0/24"]))
+    assert [await reaches(*near), await reaches(*far)] == [True, False]
+    # An allowed address inside the denied block gets through.
+    both = Egress.parse(internet=True, allow=[str(FAR_SERVER_IP)], deny=["198.51.100.0/24"])
+    await slot.set_egress(both)
+    assert [await reaches(*near), await reaches(*far)] == [True, True]
+    rules = await asyncio.to_thread(nft.egress_rules, netns=slot.netns)
+    assert "198.51.100.7 accept" in rules and "198.51.100.0/24 drop" in rules
+    # Nothing at all: the slot's reset state.
+    await slot.set_egress(Egress())
+    assert [await reaches(*near), await reaches(*far)] == [False, False]
 
 
 async def test_guests_reach_neither_the_host_nor_other_sandboxes(
@@ -424,8 +468,8 @@ async def test_guests_reach_neither_the_host_nor_other_sandboxes(
     doubles: list[GuestNicDouble | InternetDouble],
     servers: list[TagServer],
 ) -> None:
-    slot = await pool.acquire(internet_access=True)
-    other = await pool.acquire(internet_access=True)
+    slot = await pool.acquire(egress=OPEN)
+    other = await pool.acquire(egress=OPEN)
     double = await guest(plan, slot, doubles)
     servers.append((await guest(plan, other, doubles)).serve(ENVD_PORT, "other"))
     host_listener = TagServer(
@@ -455,7 +499,7 @@ async def test_release_resets_the_slot_for_the_next_sandbox(
     servers: list[TagServer],
 ) -> None:
     inet = await internet(plan, doubles)
-    slots = [await pool.acquire(internet_access=True) for _ in range(3)]
+    slots = [await pool.acquire(egress=OPEN) for _ in range(3)]
     with pytest.raises(ResourceExhausted):
         await pool.acquire()
     slot = slots[0]
@@ -471,7 +515,7 @@ async def test_release_resets_the_slot_for_the_next_sandbox(
         await pool.release(slot)
 
         assert await asyncio.to_thread(loopback_entries, port) > 0
-    assert slot.internet_access is False
+    assert slot.egress == Egress()
     assert "accept" not in await asyncio.to_thread(nft.egress_rules, netns=slot.netns)
     assert await asyncio.to_thread(host_entries, slot) == 0
     assert await asyncio.to_thread(netns_entries, slot) == 0
@@ -505,7 +549,7 @@ async def test_pools_overlapping_the_hosts_addresses_are_refused(plan: NetworkPl
 async def test_close_leaves_nothing_behind(plan: NetworkPlan) -> None:
     pool = SlotPool(plan)
     await pool.start()
-    await pool.acquire(internet_access=True)
+    await pool.acquire(egress=OPEN)
     assert await asyncio.to_thread(leftovers, plan)
 
     await pool.close()
@@ -517,7 +561,7 @@ async def test_close_leaves_nothing_behind(plan: NetworkPlan) -> None:
 async def test_reaper_removes_what_a_crashed_agent_left(plan: NetworkPlan) -> None:
     crashed = SlotPool(plan)
     await crashed.start()
-    await crashed.acquire(internet_access=True)
+    await crashed.acquire(egress=OPEN)
     del crashed  # the agent dies: nothing is torn down
     assert await asyncio.to_thread(leftovers, plan)
 

@@ -16,6 +16,7 @@ from wrenn.agent.network.addressing import (
 )
 from wrenn.agent.network.pool import Slot, SlotPool
 from wrenn.agent.network.reaper import Reaped, reap
+from wrenn.core.egress import Egress
 
 __all__ = [
     "GATEWAY_IP",
@@ -24,6 +25,7 @@ __all__ = [
     "GUEST_PREFIX_LEN",
     "TAP_MAC",
     "TAP_NAME",
+    "Egress",
     "NetworkPlan",
     "Reaped",
     "Slot",

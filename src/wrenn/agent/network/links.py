@@ -18,6 +18,7 @@ from wrenn.agent.network.addressing import (
     TAP_NAME,
     SlotAddresses,
 )
+from wrenn.core.egress import Egress
 from wrenn.core.errors import Internal
 
 _log = log.get(__name__)
@@ -97,17 +98,18 @@ def teardown(slot: SlotAddresses) -> None:
         netns.remove(slot.netns)
 
 
-def set_internet_access(slot: SlotAddresses, enabled: bool) -> None:
-    """Let the guest open connections out of the slot, or stop it (and forget the flows it
-    opened, so they stop too)."""
-    nftables.apply(nftables.egress_ruleset(internet_access=enabled), netns=slot.netns)
-    if not enabled:
+def set_egress(slot: SlotAddresses, egress: Egress) -> None:
+    """Let the guest open connections out of the slot as ``egress`` says. Unless everything
+    is let out, the flows it opened are forgotten: the next packet of each is judged anew
+    (a flow still allowed goes on, a refused one stops)."""
+    nftables.apply(nftables.egress_ruleset(egress), netns=slot.netns)
+    if not egress.unrestricted:
         conntrack.forget([GUEST_IP], netns=slot.netns)
 
 
 def reset(slot: SlotAddresses) -> None:
     """Return ``slot`` to its pristine state for the next sandbox: internet access off and no
     connection-tracking state left in the namespace or on the host for its sandbox address."""
-    nftables.apply(nftables.egress_ruleset(internet_access=False), netns=slot.netns)
+    nftables.apply(nftables.egress_ruleset(Egress()), netns=slot.netns)
     conntrack.flush_netns(slot.netns)
     conntrack.forget([slot.sandbox_ip])

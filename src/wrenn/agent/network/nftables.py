@@ -13,7 +13,8 @@ Slot table ``inet wrenn`` (inside each namespace):
   * prerouting: <sandbox_ip> → 169.254.0.21, every port;
   * postrouting: 169.254.0.21 → <sandbox_ip> on the way out;
   * forward (policy drop): replies, connections into the guest, and guest-initiated traffic
-    only when chain ``egress`` holds ``accept`` (internet access on).
+    only as chain ``egress`` lets it out (``egress.Egress``: allowed destinations, then denied
+    ones, then the internet on or off).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from wrenn.agent.network.addressing import (
     NetworkPlan,
     SlotAddresses,
 )
+from wrenn.core.egress import Egress
 
 
 def host_ruleset(plan: NetworkPlan) -> str:
@@ -80,10 +82,18 @@ table inet {SLOT_TABLE} {{
 """
 
 
-def egress_ruleset(*, internet_access: bool) -> str:
-    script = f"flush chain inet {SLOT_TABLE} egress\n"
-    if internet_access:
-        script += f"add rule inet {SLOT_TABLE} egress accept\n"
+def egress_ruleset(egress: Egress) -> str:
+    """The slot's ``egress`` chain for ``egress``: allowed destinations accepted, then denied
+    ones dropped, then everything accepted when the internet is on (the forward chain's
+    policy drops what falls through)."""
+    chain = f"inet {SLOT_TABLE} egress"
+    script = f"flush chain {chain}\n"
+    if egress.allow:
+        script += f"add rule {chain} ip daddr {{ {', '.join(egress.allow_out)} }} accept\n"
+    if egress.deny and egress.internet:
+        script += f"add rule {chain} ip daddr {{ {', '.join(egress.deny_out)} }} drop\n"
+    if egress.internet:
+        script += f"add rule {chain} accept\n"
     return script
 
 

@@ -1,7 +1,7 @@
 """A pool of pre-built network slots, handed to sandboxes and recycled.
 
     SlotPool.start()  reap leftovers → check host → host table + ip_forward → build N slots
-    acquire()         free → in use (internet access set as asked); when none is free but
+    acquire()         free → in use (egress set as asked); when none is free but
                       some are being reset in the background, waits for the first of them
     release()         in use → reset (egress off, conntrack forgotten) → free
     release_soon()    the same reset as a background task of the pool (the caller does not
@@ -33,6 +33,7 @@ from wrenn.agent.network.addressing import (
     NetworkPlan,
     SlotAddresses,
 )
+from wrenn.core.egress import Egress
 from wrenn.core.errors import FailedPrecondition, ResourceExhausted, WrennError
 
 _log = log.get(__name__)
@@ -64,7 +65,7 @@ class Slot:
     def __init__(self, addresses: SlotAddresses) -> None:
         self.addresses = addresses
         self.in_use = False
-        self.internet_access = False
+        self.egress = Egress()
 
     @property
     def index(self) -> int:
@@ -82,12 +83,12 @@ class Slot:
     def sandbox_ip(self) -> str:
         return str(self.addresses.sandbox_ip)
 
-    async def set_internet_access(self, enabled: bool) -> None:
-        """Allow or stop connections the guest opens out of the slot."""
+    async def set_egress(self, egress: Egress) -> None:
+        """Let the guest open connections out of the slot as ``egress`` says."""
         if not self.in_use:
             raise FailedPrecondition(f"slot {self.index} is not in use")
-        await _in_thread(links.set_internet_access, self.addresses, enabled)
-        self.internet_access = enabled
+        await _in_thread(links.set_egress, self.addresses, egress)
+        self.egress = egress
 
     def __repr__(self) -> str:
         return f"Slot({self.index}, {self.netns}, {self.sandbox_ip})"
@@ -147,9 +148,9 @@ class SlotPool:
             self._slots.append(slot)
             self._free.append(slot)
 
-    async def acquire(self, *, internet_access: bool = False) -> Slot:
-        """A free slot, its internet access set; ``ResourceExhausted`` when none is free and
-        none is being reset."""
+    async def acquire(self, *, egress: Egress | None = None) -> Slot:
+        """A free slot, its egress set (none by default); ``ResourceExhausted`` when none is
+        free and none is being reset."""
         while True:
             async with self._lock:
                 if self._free:
@@ -161,8 +162,8 @@ class SlotPool:
                 raise ResourceExhausted(f"all {len(self._slots)} network slots are in use")
             await asyncio.wait(resetting, return_when=asyncio.FIRST_COMPLETED)
         try:
-            if internet_access:
-                await slot.set_internet_access(True)
+            if egress is not None and egress != Egress():
+                await slot.set_egress(egress)
         except BaseException:
             await asyncio.shield(self.release(slot))
             raise
@@ -183,7 +184,7 @@ class SlotPool:
                 self._slots.remove(slot)
                 raise
         slot.in_use = False
-        slot.internet_access = False
+        slot.egress = Egress()
         async with self._lock:
             self._free.append(slot)
 

@@ -17,7 +17,7 @@ from connectrpc.server import ConnectASGIApplication, ConnectWSGIApplication, DE
 from protobuf import DescService
 
 from . import hostagent_pb
-from .hostagent_pb import CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, DeleteSnapshotResponse, DestroySandboxRequest, DestroySandboxResponse, GetHostInfoRequest, GetHostInfoResponse, GetSandboxLogsRequest, GetSandboxLogsResponse, GetSandboxMetricsRequest, GetSandboxMetricsResponse, ListSandboxesRequest, ListSandboxesResponse, PauseSandboxRequest, PauseSandboxResponse, ResumeSandboxRequest, ResumeSandboxResponse
+from .hostagent_pb import CreateSandboxRequest, CreateSandboxResponse, CreateSnapshotRequest, CreateSnapshotResponse, DeleteSnapshotRequest, DeleteSnapshotResponse, DestroySandboxRequest, DestroySandboxResponse, GetHostInfoRequest, GetHostInfoResponse, GetSandboxLogsRequest, GetSandboxLogsResponse, GetSandboxMetricsRequest, GetSandboxMetricsResponse, ListSandboxesRequest, ListSandboxesResponse, PauseSandboxRequest, PauseSandboxResponse, ResumeSandboxRequest, ResumeSandboxResponse, UpdateSandboxNetworkRequest, UpdateSandboxNetworkResponse
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Iterable, Mapping
@@ -39,6 +39,9 @@ class HostAgent(Protocol):
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     async def resume_sandbox(self, request: ResumeSandboxRequest, ctx: RequestContext[ResumeSandboxRequest, ResumeSandboxResponse], /) -> ResumeSandboxResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
+    async def update_sandbox_network(self, request: UpdateSandboxNetworkRequest, ctx: RequestContext[UpdateSandboxNetworkRequest, UpdateSandboxNetworkResponse], /) -> UpdateSandboxNetworkResponse:
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
     async def create_snapshot(self, request: CreateSnapshotRequest, ctx: RequestContext[CreateSnapshotRequest, CreateSnapshotResponse], /) -> CreateSnapshotResponse:
@@ -116,6 +119,16 @@ class HostAgentASGIApplication(ConnectASGIApplication[HostAgent]):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=svc.resume_sandbox,
+                ),
+                "/hostagent.HostAgent/UpdateSandboxNetwork": Endpoint.unary(
+                    method=MethodInfo(
+                        name="UpdateSandboxNetwork",
+                        service_name="hostagent.HostAgent",
+                        input=UpdateSandboxNetworkRequest,
+                        output=UpdateSandboxNetworkResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=svc.update_sandbox_network,
                 ),
                 "/hostagent.HostAgent/CreateSnapshot": Endpoint.unary(
                     method=MethodInfo(
@@ -271,6 +284,26 @@ class HostAgentClient(ConnectClient):
             timeout_ms=timeout_ms,
         )
 
+    async def update_sandbox_network(
+        self,
+        request: UpdateSandboxNetworkRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> UpdateSandboxNetworkResponse:
+        return await self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UpdateSandboxNetwork",
+                service_name="hostagent.HostAgent",
+                input=UpdateSandboxNetworkRequest,
+                output=UpdateSandboxNetworkResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+
     async def create_snapshot(
         self,
         request: CreateSnapshotRequest,
@@ -404,6 +437,9 @@ class HostAgentSync(Protocol):
     def resume_sandbox(self, request: ResumeSandboxRequest, ctx: RequestContext[ResumeSandboxRequest, ResumeSandboxResponse], /) -> ResumeSandboxResponse:
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
+    def update_sandbox_network(self, request: UpdateSandboxNetworkRequest, ctx: RequestContext[UpdateSandboxNetworkRequest, UpdateSandboxNetworkResponse], /) -> UpdateSandboxNetworkResponse:
+        raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
+
     def create_snapshot(self, request: CreateSnapshotRequest, ctx: RequestContext[CreateSnapshotRequest, CreateSnapshotResponse], /) -> CreateSnapshotResponse:
         raise ConnectError(Code.UNIMPLEMENTED, 'Not implemented')
 
@@ -477,6 +513,16 @@ class HostAgentWSGIApplication(ConnectWSGIApplication):
                         idempotency_level=IdempotencyLevel.UNKNOWN,
                     ),
                     function=service.resume_sandbox,
+                ),
+                "/hostagent.HostAgent/UpdateSandboxNetwork": EndpointSync.unary(
+                    method=MethodInfo(
+                        name="UpdateSandboxNetwork",
+                        service_name="hostagent.HostAgent",
+                        input=UpdateSandboxNetworkRequest,
+                        output=UpdateSandboxNetworkResponse,
+                        idempotency_level=IdempotencyLevel.UNKNOWN,
+                    ),
+                    function=service.update_sandbox_network,
                 ),
                 "/hostagent.HostAgent/CreateSnapshot": EndpointSync.unary(
                     method=MethodInfo(
@@ -623,6 +669,25 @@ class HostAgentClientSync(ConnectClientSync):
                 service_name="hostagent.HostAgent",
                 input=ResumeSandboxRequest,
                 output=ResumeSandboxResponse,
+                idempotency_level=IdempotencyLevel.UNKNOWN,
+            ),
+            headers=headers,
+            timeout_ms=timeout_ms,
+        )
+    def update_sandbox_network(
+        self,
+        request: UpdateSandboxNetworkRequest,
+        *,
+        headers: Headers | Mapping[str, str] | None = None, 
+        timeout_ms: int | None = None,
+    ) -> UpdateSandboxNetworkResponse:
+        return self.execute_unary(
+            request=request,
+            method=MethodInfo(
+                name="UpdateSandboxNetwork",
+                service_name="hostagent.HostAgent",
+                input=UpdateSandboxNetworkRequest,
+                output=UpdateSandboxNetworkResponse,
                 idempotency_level=IdempotencyLevel.UNKNOWN,
             ),
             headers=headers,

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from protobuf import DescFile
 
 
-_CreateSandboxRequestFields: TypeAlias = Literal["sandbox_id", "template_id", "snapshot_id", "vcpus", "memory_mib", "env_vars", "envd_access_token", "allow_internet_access", "metadata", "default_user", "default_workdir"]
+_CreateSandboxRequestFields: TypeAlias = Literal["sandbox_id", "template_id", "snapshot_id", "vcpus", "memory_mib", "env_vars", "envd_access_token", "allow_internet_access", "metadata", "default_user", "default_workdir", "allow_out", "deny_out"]
 
 class CreateSandboxRequest(Message[_CreateSandboxRequestFields]):
     """
@@ -77,9 +77,20 @@ class CreateSandboxRequest(Message[_CreateSandboxRequestFields]):
             ```proto
             optional string default_workdir = 11;
             ```
+        allow_out:
+            Destinations (IPv4 CIDR blocks or addresses) the guest may always reach, whatever else
+            says, and may never reach unless allowed; allow_internet_access decides the rest.
+
+            ```proto
+            repeated string allow_out = 12;
+            ```
+        deny_out:
+            ```proto
+            repeated string deny_out = 13;
+            ```
     """
 
-    __slots__ = ("sandbox_id", "template_id", "snapshot_id", "vcpus", "memory_mib", "env_vars", "envd_access_token", "allow_internet_access", "metadata", "default_user", "default_workdir")
+    __slots__ = ("sandbox_id", "template_id", "snapshot_id", "vcpus", "memory_mib", "env_vars", "envd_access_token", "allow_internet_access", "metadata", "default_user", "default_workdir", "allow_out", "deny_out")
 
     if TYPE_CHECKING:
 
@@ -97,6 +108,8 @@ class CreateSandboxRequest(Message[_CreateSandboxRequestFields]):
             metadata: dict[str, str] | None = None,
             default_user: str | None = None,
             default_workdir: str | None = None,
+            allow_out: list[str] | None = None,
+            deny_out: list[str] | None = None,
         ) -> None:
             pass
 
@@ -111,6 +124,8 @@ class CreateSandboxRequest(Message[_CreateSandboxRequestFields]):
         metadata: dict[str, str]
         default_user: str
         default_workdir: str
+        allow_out: list[str]
+        deny_out: list[str]
 
 _SandboxInfoFields: TypeAlias = Literal["sandbox_id", "template_id", "state", "vcpus", "memory_mib", "started_at_ms", "envd_version", "build_id", "address"]
 
@@ -326,7 +341,7 @@ class PauseSandboxResponse(Message[_PauseSandboxResponseFields]):
 
         build_id: str
 
-_ResumeSandboxRequestFields: TypeAlias = Literal["sandbox_id", "envd_access_token", "allow_internet_access"]
+_ResumeSandboxRequestFields: TypeAlias = Literal["sandbox_id", "envd_access_token", "allow_internet_access", "allow_out", "deny_out"]
 
 class ResumeSandboxRequest(Message[_ResumeSandboxRequestFields]):
     """
@@ -344,12 +359,22 @@ class ResumeSandboxRequest(Message[_ResumeSandboxRequestFields]):
             string envd_access_token = 2;
             ```
         allow_internet_access:
+            The sandbox's egress from then on (as in CreateSandboxRequest).
+
             ```proto
             bool allow_internet_access = 3;
             ```
+        allow_out:
+            ```proto
+            repeated string allow_out = 4;
+            ```
+        deny_out:
+            ```proto
+            repeated string deny_out = 5;
+            ```
     """
 
-    __slots__ = ("sandbox_id", "envd_access_token", "allow_internet_access")
+    __slots__ = ("sandbox_id", "envd_access_token", "allow_internet_access", "allow_out", "deny_out")
 
     if TYPE_CHECKING:
 
@@ -359,12 +384,83 @@ class ResumeSandboxRequest(Message[_ResumeSandboxRequestFields]):
             sandbox_id: str = "",
             envd_access_token: str = "",
             allow_internet_access: bool = False,
+            allow_out: list[str] | None = None,
+            deny_out: list[str] | None = None,
         ) -> None:
             pass
 
         sandbox_id: str
         envd_access_token: str
         allow_internet_access: bool
+        allow_out: list[str]
+        deny_out: list[str]
+
+_UpdateSandboxNetworkRequestFields: TypeAlias = Literal["sandbox_id", "allow_internet_access", "allow_out", "deny_out"]
+
+class UpdateSandboxNetworkRequest(Message[_UpdateSandboxNetworkRequestFields]):
+    """
+    Replaces a running sandbox's egress (as in CreateSandboxRequest); flows the guest opened
+    before are judged anew by the new rules.
+
+    ```proto
+    message hostagent.UpdateSandboxNetworkRequest
+    ```
+
+    Attributes:
+        sandbox_id:
+            ```proto
+            string sandbox_id = 1;
+            ```
+        allow_internet_access:
+            ```proto
+            bool allow_internet_access = 2;
+            ```
+        allow_out:
+            ```proto
+            repeated string allow_out = 3;
+            ```
+        deny_out:
+            ```proto
+            repeated string deny_out = 4;
+            ```
+    """
+
+    __slots__ = ("sandbox_id", "allow_internet_access", "allow_out", "deny_out")
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+            *,
+            sandbox_id: str = "",
+            allow_internet_access: bool = False,
+            allow_out: list[str] | None = None,
+            deny_out: list[str] | None = None,
+        ) -> None:
+            pass
+
+        sandbox_id: str
+        allow_internet_access: bool
+        allow_out: list[str]
+        deny_out: list[str]
+
+_UpdateSandboxNetworkResponseFields: TypeAlias = NoReturn
+
+class UpdateSandboxNetworkResponse(Message[_UpdateSandboxNetworkResponseFields]):
+    """
+    ```proto
+    message hostagent.UpdateSandboxNetworkResponse
+    ```
+    """
+
+    __slots__ = ()
+
+    if TYPE_CHECKING:
+
+        def __init__(
+            self,
+        ) -> None:
+            pass
 
 _ResumeSandboxResponseFields: TypeAlias = Literal["sandbox"]
 
@@ -1098,7 +1194,7 @@ class SandboxState(Enum):
 
 
 _DESC = file_desc(
-    b'\n\x19hostagent/hostagent.proto\x12\thostagent"\xa9\x05\n\x14CreateSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12$\n\x0bsnapshot_id\x18\x03 \x01(\tH\x00R\nsnapshotId\x88\x01\x01\x12\x14\n\x05vcpus\x18\x04 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x05 \x01(\rR\tmemoryMib\x12G\n\x08env_vars\x18\x06 \x03(\x0b2,.hostagent.CreateSandboxRequest.EnvVarsEntryR\x07envVars\x12*\n\x11envd_access_token\x18\x07 \x01(\tR\x0fenvdAccessToken\x122\n\x15allow_internet_access\x18\x08 \x01(\x08R\x13allowInternetAccess\x12I\n\x08metadata\x18\t \x03(\x0b2-.hostagent.CreateSandboxRequest.MetadataEntryR\x08metadata\x12&\n\x0cdefault_user\x18\n \x01(\tH\x01R\x0bdefaultUser\x88\x01\x01\x12,\n\x0fdefault_workdir\x18\x0b \x01(\tH\x02R\x0edefaultWorkdir\x88\x01\x01\x1a:\n\x0cEnvVarsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0e\n\x0c_snapshot_idB\x0f\n\r_default_userB\x12\n\x10_default_workdir"\xbf\x02\n\x0bSandboxInfo\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12-\n\x05state\x18\x03 \x01(\x0e2\x17.hostagent.SandboxStateR\x05state\x12\x14\n\x05vcpus\x18\x04 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x05 \x01(\rR\tmemoryMib\x12"\n\rstarted_at_ms\x18\x06 \x01(\x03R\x0bstartedAtMs\x12!\n\x0cenvd_version\x18\x07 \x01(\tR\x0benvdVersion\x12\x1e\n\x08build_id\x18\x08 \x01(\tH\x00R\x07buildId\x88\x01\x01\x12\x18\n\x07address\x18\t \x01(\tR\x07addressB\x0b\n\t_build_id"I\n\x15CreateSandboxResponse\x120\n\x07sandbox\x18\x01 \x01(\x0b2\x16.hostagent.SandboxInfoR\x07sandbox"6\n\x15DestroySandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"\x18\n\x16DestroySandboxResponse"4\n\x13PauseSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"1\n\x14PauseSandboxResponse\x12\x19\n\x08build_id\x18\x01 \x01(\tR\x07buildId"\x95\x01\n\x14ResumeSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12*\n\x11envd_access_token\x18\x02 \x01(\tR\x0fenvdAccessToken\x122\n\x15allow_internet_access\x18\x03 \x01(\x08R\x13allowInternetAccess"I\n\x15ResumeSandboxResponse\x120\n\x07sandbox\x18\x01 \x01(\x0b2\x16.hostagent.SandboxInfoR\x07sandbox"W\n\x15CreateSnapshotRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0bsnapshot_id\x18\x02 \x01(\tR\nsnapshotId"\xc8\x01\n\x0cSnapshotInfo\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12\x14\n\x05vcpus\x18\x03 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x04 \x01(\rR\tmemoryMib\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12"\n\rcreated_at_ms\x18\x06 \x01(\x03R\x0bcreatedAtMs"M\n\x16CreateSnapshotResponse\x123\n\x08snapshot\x18\x01 \x01(\x0b2\x17.hostagent.SnapshotInfoR\x08snapshot"8\n\x15DeleteSnapshotRequest\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId"\x18\n\x16DeleteSnapshotResponse"\x16\n\x14ListSandboxesRequest"M\n\x15ListSandboxesResponse\x124\n\tsandboxes\x18\x01 \x03(\x0b2\x16.hostagent.SandboxInfoR\tsandboxes"9\n\x18GetSandboxMetricsRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"\x86\x03\n\x0eSandboxMetrics\x12!\n\x0ctimestamp_ms\x18\x01 \x01(\x03R\x0btimestampMs\x12\x1b\n\tcpu_count\x18\x02 \x01(\rR\x08cpuCount\x12 \n\x0ccpu_used_pct\x18\x03 \x01(\x01R\ncpuUsedPct\x12$\n\x0emem_used_bytes\x18\x04 \x01(\x03R\x0cmemUsedBytes\x12&\n\x0fmem_total_bytes\x18\x05 \x01(\x03R\rmemTotalBytes\x12&\n\x0fdisk_used_bytes\x18\x06 \x01(\x03R\rdiskUsedBytes\x12(\n\x10disk_total_bytes\x18\x07 \x01(\x03R\x0ediskTotalBytes\x12"\n\rvmm_rss_bytes\x18\x08 \x01(\x03R\x0bvmmRssBytes\x12&\n\x0fvmm_cpu_seconds\x18\t \x01(\x01R\rvmmCpuSeconds\x12&\n\x0fmem_cache_bytes\x18\n \x01(\x03R\rmemCacheBytes"P\n\x19GetSandboxMetricsResponse\x123\n\x07metrics\x18\x01 \x01(\x0b2\x19.hostagent.SandboxMetricsR\x07metrics"g\n\x15GetSandboxLogsRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x19\n\x08start_ms\x18\x02 \x01(\x03R\x07startMs\x12\x14\n\x05limit\x18\x03 \x01(\rR\x05limit"\xf3\x01\n\x0fSandboxLogEntry\x12!\n\x0ctimestamp_ms\x18\x01 \x01(\x03R\x0btimestampMs\x12\x14\n\x05level\x18\x02 \x01(\tR\x05level\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12>\n\x06fields\x18\x04 \x03(\x0b2&.hostagent.SandboxLogEntry.FieldsEntryR\x06fields\x12\x12\n\x04line\x18\x05 \x01(\tR\x04line\x1a9\n\x0bFieldsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"N\n\x16GetSandboxLogsResponse\x124\n\x07entries\x18\x01 \x03(\x0b2\x1a.hostagent.SandboxLogEntryR\x07entries"\xc1\x01\n\x0cTemplateInfo\x12\x1f\n\x0btemplate_id\x18\x01 \x01(\tR\ntemplateId\x12\x19\n\x08build_id\x18\x02 \x01(\tR\x07buildId\x12\x14\n\x05vcpus\x18\x03 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x04 \x01(\rR\tmemoryMib\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12!\n\x0cenvd_version\x18\x06 \x01(\tR\x0benvdVersion"\x14\n\x12GetHostInfoRequest"\xa8\x03\n\x13GetHostInfoResponse\x12\x18\n\x07runtime\x18\x01 \x01(\tR\x07runtime\x12\x14\n\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12!\n\x0cmemory_bytes\x18\x03 \x01(\x03R\x0bmemoryBytes\x12\x1d\n\ndisk_bytes\x18\x04 \x01(\x03R\tdiskBytes\x12*\n\x11memory_free_bytes\x18\x05 \x01(\x03R\x0fmemoryFreeBytes\x12&\n\x0fdisk_free_bytes\x18\x06 \x01(\x03R\rdiskFreeBytes\x12\x1c\n\tsandboxes\x18\x07 \x01(\rR\tsandboxes\x125\n\ttemplates\x18\x08 \x03(\x0b2\x17.hostagent.TemplateInfoR\ttemplates\x125\n\tsnapshots\x18\t \x03(\x0b2\x17.hostagent.SnapshotInfoR\tsnapshots\x12\x18\n\x07version\x18\n \x01(\tR\x07version\x12%\n\x0eruntime_reason\x18\x0b \x01(\tR\rruntimeReason*\xcf\x01\n\x0cSandboxState\x12\x1d\n\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SANDBOX_STATE_STARTING\x10\x01\x12\x19\n\x15SANDBOX_STATE_RUNNING\x10\x02\x12\x19\n\x15SANDBOX_STATE_PAUSING\x10\x03\x12\x18\n\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x1a\n\x16SANDBOX_STATE_STOPPING\x10\x05\x12\x18\n\x14SANDBOX_STATE_FAILED\x10\x062\xe2\x06\n\tHostAgent\x12R\n\rCreateSandbox\x12\x1f.hostagent.CreateSandboxRequest\x1a .hostagent.CreateSandboxResponse\x12U\n\x0eDestroySandbox\x12 .hostagent.DestroySandboxRequest\x1a!.hostagent.DestroySandboxResponse\x12O\n\x0cPauseSandbox\x12\x1e.hostagent.PauseSandboxRequest\x1a\x1f.hostagent.PauseSandboxResponse\x12R\n\rResumeSandbox\x12\x1f.hostagent.ResumeSandboxRequest\x1a .hostagent.ResumeSandboxResponse\x12U\n\x0eCreateSnapshot\x12 .hostagent.CreateSnapshotRequest\x1a!.hostagent.CreateSnapshotResponse\x12U\n\x0eDeleteSnapshot\x12 .hostagent.DeleteSnapshotRequest\x1a!.hostagent.DeleteSnapshotResponse\x12R\n\rListSandboxes\x12\x1f.hostagent.ListSandboxesRequest\x1a .hostagent.ListSandboxesResponse\x12^\n\x11GetSandboxMetrics\x12#.hostagent.GetSandboxMetricsRequest\x1a$.hostagent.GetSandboxMetricsResponse\x12U\n\x0eGetSandboxLogs\x12 .hostagent.GetSandboxLogsRequest\x1a!.hostagent.GetSandboxLogsResponse\x12L\n\x0bGetHostInfo\x12\x1d.hostagent.GetHostInfoRequest\x1a\x1e.hostagent.GetHostInfoResponseb\x06proto3',
+    b'\n\x19hostagent/hostagent.proto\x12\thostagent"\xe1\x05\n\x14CreateSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12$\n\x0bsnapshot_id\x18\x03 \x01(\tH\x00R\nsnapshotId\x88\x01\x01\x12\x14\n\x05vcpus\x18\x04 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x05 \x01(\rR\tmemoryMib\x12G\n\x08env_vars\x18\x06 \x03(\x0b2,.hostagent.CreateSandboxRequest.EnvVarsEntryR\x07envVars\x12*\n\x11envd_access_token\x18\x07 \x01(\tR\x0fenvdAccessToken\x122\n\x15allow_internet_access\x18\x08 \x01(\x08R\x13allowInternetAccess\x12I\n\x08metadata\x18\t \x03(\x0b2-.hostagent.CreateSandboxRequest.MetadataEntryR\x08metadata\x12&\n\x0cdefault_user\x18\n \x01(\tH\x01R\x0bdefaultUser\x88\x01\x01\x12,\n\x0fdefault_workdir\x18\x0b \x01(\tH\x02R\x0edefaultWorkdir\x88\x01\x01\x12\x1b\n\tallow_out\x18\x0c \x03(\tR\x08allowOut\x12\x19\n\x08deny_out\x18\r \x03(\tR\x07denyOut\x1a:\n\x0cEnvVarsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\x1a;\n\rMetadataEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\x0e\n\x0c_snapshot_idB\x0f\n\r_default_userB\x12\n\x10_default_workdir"\xbf\x02\n\x0bSandboxInfo\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12-\n\x05state\x18\x03 \x01(\x0e2\x17.hostagent.SandboxStateR\x05state\x12\x14\n\x05vcpus\x18\x04 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x05 \x01(\rR\tmemoryMib\x12"\n\rstarted_at_ms\x18\x06 \x01(\x03R\x0bstartedAtMs\x12!\n\x0cenvd_version\x18\x07 \x01(\tR\x0benvdVersion\x12\x1e\n\x08build_id\x18\x08 \x01(\tH\x00R\x07buildId\x88\x01\x01\x12\x18\n\x07address\x18\t \x01(\tR\x07addressB\x0b\n\t_build_id"I\n\x15CreateSandboxResponse\x120\n\x07sandbox\x18\x01 \x01(\x0b2\x16.hostagent.SandboxInfoR\x07sandbox"6\n\x15DestroySandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"\x18\n\x16DestroySandboxResponse"4\n\x13PauseSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"1\n\x14PauseSandboxResponse\x12\x19\n\x08build_id\x18\x01 \x01(\tR\x07buildId"\xcd\x01\n\x14ResumeSandboxRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12*\n\x11envd_access_token\x18\x02 \x01(\tR\x0fenvdAccessToken\x122\n\x15allow_internet_access\x18\x03 \x01(\x08R\x13allowInternetAccess\x12\x1b\n\tallow_out\x18\x04 \x03(\tR\x08allowOut\x12\x19\n\x08deny_out\x18\x05 \x03(\tR\x07denyOut"\xa8\x01\n\x1bUpdateSandboxNetworkRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x122\n\x15allow_internet_access\x18\x02 \x01(\x08R\x13allowInternetAccess\x12\x1b\n\tallow_out\x18\x03 \x03(\tR\x08allowOut\x12\x19\n\x08deny_out\x18\x04 \x03(\tR\x07denyOut"\x1e\n\x1cUpdateSandboxNetworkResponse"I\n\x15ResumeSandboxResponse\x120\n\x07sandbox\x18\x01 \x01(\x0b2\x16.hostagent.SandboxInfoR\x07sandbox"W\n\x15CreateSnapshotRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x1f\n\x0bsnapshot_id\x18\x02 \x01(\tR\nsnapshotId"\xc8\x01\n\x0cSnapshotInfo\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId\x12\x1f\n\x0btemplate_id\x18\x02 \x01(\tR\ntemplateId\x12\x14\n\x05vcpus\x18\x03 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x04 \x01(\rR\tmemoryMib\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12"\n\rcreated_at_ms\x18\x06 \x01(\x03R\x0bcreatedAtMs"M\n\x16CreateSnapshotResponse\x123\n\x08snapshot\x18\x01 \x01(\x0b2\x17.hostagent.SnapshotInfoR\x08snapshot"8\n\x15DeleteSnapshotRequest\x12\x1f\n\x0bsnapshot_id\x18\x01 \x01(\tR\nsnapshotId"\x18\n\x16DeleteSnapshotResponse"\x16\n\x14ListSandboxesRequest"M\n\x15ListSandboxesResponse\x124\n\tsandboxes\x18\x01 \x03(\x0b2\x16.hostagent.SandboxInfoR\tsandboxes"9\n\x18GetSandboxMetricsRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId"\x86\x03\n\x0eSandboxMetrics\x12!\n\x0ctimestamp_ms\x18\x01 \x01(\x03R\x0btimestampMs\x12\x1b\n\tcpu_count\x18\x02 \x01(\rR\x08cpuCount\x12 \n\x0ccpu_used_pct\x18\x03 \x01(\x01R\ncpuUsedPct\x12$\n\x0emem_used_bytes\x18\x04 \x01(\x03R\x0cmemUsedBytes\x12&\n\x0fmem_total_bytes\x18\x05 \x01(\x03R\rmemTotalBytes\x12&\n\x0fdisk_used_bytes\x18\x06 \x01(\x03R\rdiskUsedBytes\x12(\n\x10disk_total_bytes\x18\x07 \x01(\x03R\x0ediskTotalBytes\x12"\n\rvmm_rss_bytes\x18\x08 \x01(\x03R\x0bvmmRssBytes\x12&\n\x0fvmm_cpu_seconds\x18\t \x01(\x01R\rvmmCpuSeconds\x12&\n\x0fmem_cache_bytes\x18\n \x01(\x03R\rmemCacheBytes"P\n\x19GetSandboxMetricsResponse\x123\n\x07metrics\x18\x01 \x01(\x0b2\x19.hostagent.SandboxMetricsR\x07metrics"g\n\x15GetSandboxLogsRequest\x12\x1d\n\nsandbox_id\x18\x01 \x01(\tR\tsandboxId\x12\x19\n\x08start_ms\x18\x02 \x01(\x03R\x07startMs\x12\x14\n\x05limit\x18\x03 \x01(\rR\x05limit"\xf3\x01\n\x0fSandboxLogEntry\x12!\n\x0ctimestamp_ms\x18\x01 \x01(\x03R\x0btimestampMs\x12\x14\n\x05level\x18\x02 \x01(\tR\x05level\x12\x18\n\x07message\x18\x03 \x01(\tR\x07message\x12>\n\x06fields\x18\x04 \x03(\x0b2&.hostagent.SandboxLogEntry.FieldsEntryR\x06fields\x12\x12\n\x04line\x18\x05 \x01(\tR\x04line\x1a9\n\x0bFieldsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"N\n\x16GetSandboxLogsResponse\x124\n\x07entries\x18\x01 \x03(\x0b2\x1a.hostagent.SandboxLogEntryR\x07entries"\xc1\x01\n\x0cTemplateInfo\x12\x1f\n\x0btemplate_id\x18\x01 \x01(\tR\ntemplateId\x12\x19\n\x08build_id\x18\x02 \x01(\tR\x07buildId\x12\x14\n\x05vcpus\x18\x03 \x01(\rR\x05vcpus\x12\x1d\n\nmemory_mib\x18\x04 \x01(\rR\tmemoryMib\x12\x1d\n\nsize_bytes\x18\x05 \x01(\x03R\tsizeBytes\x12!\n\x0cenvd_version\x18\x06 \x01(\tR\x0benvdVersion"\x14\n\x12GetHostInfoRequest"\xa8\x03\n\x13GetHostInfoResponse\x12\x18\n\x07runtime\x18\x01 \x01(\tR\x07runtime\x12\x14\n\x05vcpus\x18\x02 \x01(\rR\x05vcpus\x12!\n\x0cmemory_bytes\x18\x03 \x01(\x03R\x0bmemoryBytes\x12\x1d\n\ndisk_bytes\x18\x04 \x01(\x03R\tdiskBytes\x12*\n\x11memory_free_bytes\x18\x05 \x01(\x03R\x0fmemoryFreeBytes\x12&\n\x0fdisk_free_bytes\x18\x06 \x01(\x03R\rdiskFreeBytes\x12\x1c\n\tsandboxes\x18\x07 \x01(\rR\tsandboxes\x125\n\ttemplates\x18\x08 \x03(\x0b2\x17.hostagent.TemplateInfoR\ttemplates\x125\n\tsnapshots\x18\t \x03(\x0b2\x17.hostagent.SnapshotInfoR\tsnapshots\x12\x18\n\x07version\x18\n \x01(\tR\x07version\x12%\n\x0eruntime_reason\x18\x0b \x01(\tR\rruntimeReason*\xcf\x01\n\x0cSandboxState\x12\x1d\n\x19SANDBOX_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SANDBOX_STATE_STARTING\x10\x01\x12\x19\n\x15SANDBOX_STATE_RUNNING\x10\x02\x12\x19\n\x15SANDBOX_STATE_PAUSING\x10\x03\x12\x18\n\x14SANDBOX_STATE_PAUSED\x10\x04\x12\x1a\n\x16SANDBOX_STATE_STOPPING\x10\x05\x12\x18\n\x14SANDBOX_STATE_FAILED\x10\x062\xcb\x07\n\tHostAgent\x12R\n\rCreateSandbox\x12\x1f.hostagent.CreateSandboxRequest\x1a .hostagent.CreateSandboxResponse\x12U\n\x0eDestroySandbox\x12 .hostagent.DestroySandboxRequest\x1a!.hostagent.DestroySandboxResponse\x12O\n\x0cPauseSandbox\x12\x1e.hostagent.PauseSandboxRequest\x1a\x1f.hostagent.PauseSandboxResponse\x12R\n\rResumeSandbox\x12\x1f.hostagent.ResumeSandboxRequest\x1a .hostagent.ResumeSandboxResponse\x12g\n\x14UpdateSandboxNetwork\x12&.hostagent.UpdateSandboxNetworkRequest\x1a\'.hostagent.UpdateSandboxNetworkResponse\x12U\n\x0eCreateSnapshot\x12 .hostagent.CreateSnapshotRequest\x1a!.hostagent.CreateSnapshotResponse\x12U\n\x0eDeleteSnapshot\x12 .hostagent.DeleteSnapshotRequest\x1a!.hostagent.DeleteSnapshotResponse\x12R\n\rListSandboxes\x12\x1f.hostagent.ListSandboxesRequest\x1a .hostagent.ListSandboxesResponse\x12^\n\x11GetSandboxMetrics\x12#.hostagent.GetSandboxMetricsRequest\x1a$.hostagent.GetSandboxMetricsResponse\x12U\n\x0eGetSandboxLogs\x12 .hostagent.GetSandboxLogsRequest\x1a!.hostagent.GetSandboxLogsResponse\x12L\n\x0bGetHostInfo\x12\x1d.hostagent.GetHostInfoRequest\x1a\x1e.hostagent.GetHostInfoResponseb\x06proto3',
     [],
     {
         "CreateSandboxRequest": CreateSandboxRequest,
@@ -1109,6 +1205,8 @@ _DESC = file_desc(
         "PauseSandboxRequest": PauseSandboxRequest,
         "PauseSandboxResponse": PauseSandboxResponse,
         "ResumeSandboxRequest": ResumeSandboxRequest,
+        "UpdateSandboxNetworkRequest": UpdateSandboxNetworkRequest,
+        "UpdateSandboxNetworkResponse": UpdateSandboxNetworkResponse,
         "ResumeSandboxResponse": ResumeSandboxResponse,
         "CreateSnapshotRequest": CreateSnapshotRequest,
         "SnapshotInfo": SnapshotInfo,
