@@ -35,6 +35,8 @@ class FakeSandbox:
     started_at_ms: int
     build_id: str | None = None
     envd_version: str = ENVD_VERSION
+    #: (allow_internet_access, allow_out, deny_out) as last set.
+    egress: tuple[bool, list[str], list[str]] = (True, [], [])
 
     def info(self) -> pb.SandboxInfo:
         return pb.SandboxInfo(
@@ -127,6 +129,7 @@ class FakeHostAgent:
             state=pb.SandboxState.RUNNING,
             started_at_ms=int(time.time() * 1000),
             envd_version=self.envd_version,
+            egress=_egress(request),
         )
         if self.on_start is not None:
             await self.on_start(sandbox)
@@ -163,9 +166,20 @@ class FakeHostAgent:
         sandbox.state = pb.SandboxState.RUNNING
         sandbox.build_id = None
         sandbox.envd_access_token = request.envd_access_token
+        sandbox.egress = _egress(request)
         if self.on_start is not None:
             await self.on_start(sandbox)
         return pb.ResumeSandboxResponse(sandbox=sandbox.info())
+
+    async def update_sandbox_network(
+        self, request: pb.UpdateSandboxNetworkRequest, ctx: Any
+    ) -> pb.UpdateSandboxNetworkResponse:
+        self._enter("UpdateSandboxNetwork", request.sandbox_id)
+        sandbox = self._get(request.sandbox_id)
+        if sandbox.state != pb.SandboxState.RUNNING:
+            raise ConnectError(Code.FAILED_PRECONDITION, "sandbox is not running")
+        sandbox.egress = _egress(request)
+        return pb.UpdateSandboxNetworkResponse()
 
     async def create_snapshot(
         self, request: pb.CreateSnapshotRequest, ctx: Any
@@ -273,3 +287,9 @@ class FakeHostAgent:
                 for t, (c, m) in self.templates.items()
             ],
         }
+
+
+def _egress(
+    request: pb.CreateSandboxRequest | pb.ResumeSandboxRequest | pb.UpdateSandboxNetworkRequest,
+) -> tuple[bool, list[str], list[str]]:
+    return request.allow_internet_access, list(request.allow_out), list(request.deny_out)

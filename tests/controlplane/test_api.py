@@ -444,3 +444,62 @@ def test_openapi(stack: Stack) -> None:
         assert path in spec["paths"], path
     assert "X-API-Key" in str(spec["components"]["securitySchemes"])
     assert httpx.get(f"{stack.url}/health").status_code == 204
+
+
+def test_egress_rules(stack: Stack) -> None:
+    """allowOut / denyOut and allow_internet_access at create, replaced by PUT .../network,
+    kept across pause and resume and copied to forks; what the host got each time."""
+    c = stack.admin
+    agent = stack.hosts[0].agent
+    sid = create(
+        c,
+        allow_internet_access=False,
+        network={"allowOut": ["10.1.0.0/16", "8.8.8.8", "10.0.0.0/8"], "dnsServers": ["1.1.1.1"]},
+    ).sandbox_id
+    assert agent.sandboxes[sid].egress == (False, ["8.8.8.8/32", "10.0.0.0/8"], [])
+    detail = c.get(f"/sandboxes/{sid}").json()
+    assert detail["allowInternetAccess"] is False
+    assert detail["network"] == {
+        "allowPublicTraffic": True,
+        "allowOut": ["8.8.8.8/32", "10.0.0.0/8"],
+        "denyOut": [],
+    }
+
+    resp = c.put(f"/sandboxes/{sid}/network", json={"denyOut": ["192.0.2.0/24"]})
+    assert resp.status_code == 204, resp.text
+    assert agent.sandboxes[sid].egress == (True, [], ["192.0.2.0/24"])
+    detail = c.get(f"/sandboxes/{sid}").json()
+    assert detail["allowInternetAccess"] is True
+    assert (detail["network"]["allowOut"], detail["network"]["denyOut"]) == ([], ["192.0.2.0/24"])
+    assert c.get("/v1/audit", params={"action": "sandboxes.update_network"}).json()
+
+    # Bad input names the bad value; nothing changes.
+    for body, named in (
+        ({"allowOut": ["example.com"]}, "'example.com'"),
+        ({"denyOut": ["10.0.0.0/33"]}, "'10.0.0.0/33'"),
+        ({"dnsServers": ["dns.example"]}, "'dns.example'"),
+        ({"allowOut": "8.8.8.8"}, "allowOut"),
+        ({"egressProxy": {"address": "socks5://proxy:1080"}}, "egressProxy"),
+        ({"rules": {"api.example.com": {}}}, "rules"),
+    ):
+        message = error(c.put(f"/sandboxes/{sid}/network", json=body), 400, "invalid_argument")
+        assert named in message, message
+    assert agent.sandboxes[sid].egress == (True, [], ["192.0.2.0/24"])
+    error(
+        c.post("/v2/sandboxes", json={"templateID": "base", "network": {"allowOut": ["a.b"]}}),
+        400,
+        "invalid_argument",
+    )
+
+    # Kept across a pause; the resume hands the host the same.
+    assert c.post(f"/sandboxes/{sid}/pause").status_code == 204
+    error(c.put(f"/sandboxes/{sid}/network", json={}), 409, "failed_precondition")
+    assert c.post(f"/sandboxes/{sid}/resume", json={"timeout": 60}).status_code == 201
+    assert agent.sandboxes[sid].egress == (True, [], ["192.0.2.0/24"])
+    # Forks start with the source's.
+    resp = c.post(f"/sandboxes/{sid}/fork", json={"count": 1})
+    assert resp.status_code == 201, resp.text
+    fork_id = resp.json()[0]["sandbox"]["sandboxID"]
+    assert agent.sandboxes[fork_id].egress == (True, [], ["192.0.2.0/24"])
+
+    error(c.put("/sandboxes/nope/network", json={}), 404, "not_found")

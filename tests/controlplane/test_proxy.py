@@ -325,7 +325,7 @@ def test_other_ports_public_or_behind_the_traffic_token(proxied: Proxied) -> Non
 
     _error(
         proxied.stack.admin.post(
-            "/v2/sandboxes", json={"templateID": "base", "network": {"allowOut": ["1.1.1.1"]}}
+            "/v2/sandboxes", json={"templateID": "base", "network": {"allowOut": ["example.com"]}}
         ),
         400,
         "invalid_argument",

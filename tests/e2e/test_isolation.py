@@ -1,9 +1,13 @@
 """Two sandboxes of one team cannot see each other: a file written in one is absent from the
 other, and a server listening in one is unreachable from the other by its sandbox address
-(the host-side address the agent and the proxy reach it at), while the host reaches it."""
+(the host-side address the agent and the proxy reach it at), while the host reaches it. A
+sandbox's egress rules, given through the SDK, are its slot's rules on the host."""
 
 from __future__ import annotations
 
+import asyncio
+import re
+import subprocess
 import time
 from collections.abc import Iterator
 from ipaddress import IPv4Network
@@ -13,6 +17,8 @@ import pytest
 from e2b import CommandExitException, Sandbox
 
 from tests.e2e.conftest import Sandboxes, Stack
+from wrenn.gen.hostagent import hostagent_pb as pb
+from wrenn.gen.hostagent.hostagent_connect import HostAgentClient
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -78,3 +84,42 @@ def test_network_is_not_shared(pair: tuple[Sandbox, Sandbox], stack: Stack) -> N
     with pytest.raises(CommandExitException) as refused:
         _connect(b, serving[0])
     assert "unreachable" in refused.value.stderr
+
+
+def _egress_chain(stack: Stack, sbx: Sandbox) -> str:
+    """The egress chain of the slot ``sbx`` runs in (its address as the agent lists it), as
+    nft prints it on the host."""
+
+    async def address() -> str:
+        agent = HostAgentClient(f"http://127.0.0.1:{stack.agent_port}")
+        try:
+            listed = await agent.list_sandboxes(pb.ListSandboxesRequest())
+        finally:
+            await agent.close()
+        return next(s.address for s in listed.sandboxes if s.sandbox_id == sbx.sandbox_id)
+
+    pool = [str(h) for h in IPv4Network(stack.home.sandbox_pool).hosts()]
+    netns = f"{stack.home.prefix}-slot-{pool.index(asyncio.run(address()))}"
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, "nft", "list", "chain", "inet", "wrenn", "egress"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_egress_rules_are_the_slots(sandboxes: Sandboxes, stack: Stack) -> None:
+    sbx = sandboxes.create(allow_internet_access=False, network={"allow_out": ["198.51.100.7"]})
+    chain = _egress_chain(stack, sbx)
+    assert "ip daddr { 198.51.100.7 } accept" in chain or "ip daddr 198.51.100.7 accept" in chain
+    assert "drop" not in chain and chain.count("accept") == 1
+
+    sbx.update_network({"deny_out": ["198.51.100.0/24"]})
+    chain = _egress_chain(stack, sbx)
+    assert "198.51.100.0/24 drop" in chain
+    assert re.search(r"^\s*accept$", chain, re.M)  # the rest: internet on
+
+    # After a pause the sandbox resumes into whichever slot is free, with the same rules.
+    assert sbx.pause() is True
+    again = Sandbox.connect(sbx.sandbox_id)
+    assert "198.51.100.0/24 drop" in _egress_chain(stack, again)

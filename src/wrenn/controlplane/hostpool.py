@@ -66,6 +66,9 @@ class AgentClient:
         resp = await self._call("ResumeSandbox", lambda: self._client.resume_sandbox(req))
         return resp.sandbox or pb.SandboxInfo(sandbox_id=req.sandbox_id)
 
+    async def update_sandbox_network(self, req: pb.UpdateSandboxNetworkRequest) -> None:
+        await self._call("UpdateSandboxNetwork", lambda: self._client.update_sandbox_network(req))
+
     async def create_snapshot(self, sandbox_id: str, snapshot_id: str) -> pb.SnapshotInfo:
         req = pb.CreateSnapshotRequest(sandbox_id=sandbox_id, snapshot_id=snapshot_id)
         resp = await self._call("CreateSnapshot", lambda: self._client.create_snapshot(req))

@@ -36,10 +36,11 @@ from wrenn.controlplane.db.records import (
     Snapshot,
     Template,
 )
-from wrenn.controlplane.db.sandboxes import SandboxQuery
+from wrenn.controlplane.db.sandboxes import SandboxQuery, egress_json
 from wrenn.controlplane.errors import Conflict
 from wrenn.controlplane.events import Events, EventType, sandbox_event
 from wrenn.controlplane.hostpool import AgentClient, HostPool
+from wrenn.core.egress import Egress
 from wrenn.core.errors import Internal, InvalidArgument, NotFound, Unavailable, WrennError
 from wrenn.gen.hostagent import hostagent_pb as pb
 
@@ -64,6 +65,9 @@ class CreateSpec:
     allow_internet_access: bool | None = None
     #: False: ports other than envd's need the sandbox's traffic access token.
     public_traffic: bool = True
+    #: Destinations always / never reachable from the guest (``Egress.allow_out`` form).
+    allow_out: tuple[str, ...] = ()
+    deny_out: tuple[str, ...] = ()
 
 
 #: Most forks one request may ask for (the e2b SDK's own bound).
@@ -253,6 +257,8 @@ class Sandboxes:
             created_at=now,
             metadata=dict(spec.metadata),
             traffic_access_token=None if spec.public_traffic else ids.traffic_access_token(),
+            allow_out=spec.allow_out,
+            deny_out=spec.deny_out,
         )
         await tx.sandboxes.insert(sandbox)
         return sandbox, host
@@ -274,6 +280,8 @@ class Sandboxes:
                     env_vars=dict(spec.env_vars),
                     envd_access_token=sandbox.envd_access_token,
                     allow_internet_access=spec.allow_internet_access is not False,
+                    allow_out=list(spec.allow_out),
+                    deny_out=list(spec.deny_out),
                     metadata=dict(spec.metadata),
                 )
             )
@@ -392,6 +400,30 @@ class Sandboxes:
         assert updated is not None
         return updated
 
+    async def update_network(self, team_id: str, sandbox_id: str, egress: Egress) -> Sandbox:
+        """Replace a running sandbox's egress: on its host first, then in its record."""
+        sandbox = await self.get(team_id, sandbox_id)
+        if sandbox.state is not SandboxState.RUNNING:
+            raise Conflict(f"sandbox {sandbox.id!r} is {sandbox.state.value}, not running")
+        _, agent = await self._agent(sandbox.host_id, f"sandbox {sandbox.id!r}")
+        await agent.update_sandbox_network(
+            pb.UpdateSandboxNetworkRequest(
+                sandbox_id=sandbox.id,
+                allow_internet_access=egress.internet,
+                allow_out=egress.allow_out,
+                deny_out=egress.deny_out,
+            )
+        )
+        async with self._db.transaction() as tx:
+            updated = await tx.sandboxes.update(
+                sandbox.id,
+                allow_internet_access=egress.internet,
+                egress_json=egress_json(egress.allow_out, egress.deny_out),
+            )
+        if updated is None:
+            raise NotFound(f"sandbox {sandbox.id!r} not found")
+        return updated
+
     # --- pause and resume -----------------------------------------------------------------
 
     async def pause(self, team_id: str, sandbox_id: str) -> Sandbox:
@@ -461,6 +493,8 @@ class Sandboxes:
                     sandbox_id=sandbox.id,
                     envd_access_token=sandbox.envd_access_token,
                     allow_internet_access=sandbox.allow_internet_access is not False,
+                    allow_out=list(sandbox.allow_out),
+                    deny_out=list(sandbox.deny_out),
                 )
             )
         except BaseException:
@@ -569,6 +603,8 @@ class Sandboxes:
             auto_resume=source.auto_resume,
             allow_internet_access=source.allow_internet_access,
             public_traffic=source.traffic_access_token is None,
+            allow_out=source.allow_out,
+            deny_out=source.deny_out,
         )
         placed: list[tuple[Sandbox, Host] | WrennError] = []
         async with (

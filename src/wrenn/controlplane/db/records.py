@@ -148,6 +148,9 @@ class Sandbox:
     #: was created without public traffic; ``None``: its ports are public.
     traffic_access_token: str | None = None
     ended_at: datetime | None = None
+    #: Destinations the guest may always / never reach (normalised IPv4 CIDR blocks).
+    allow_out: tuple[str, ...] = ()
+    deny_out: tuple[str, ...] = ()
 
 
 class SandboxSummary(NamedTuple):

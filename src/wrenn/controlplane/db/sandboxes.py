@@ -25,8 +25,23 @@ from wrenn.core.errors import InvalidArgument
 
 #: Columns ``transition`` and ``update`` may set besides ``state``.
 _UPDATABLE = frozenset(
-    {"host_id", "envd_version", "build_id", "started_at", "end_at", "ended_at", "auto_pause"}
+    {
+        "host_id",
+        "envd_version",
+        "build_id",
+        "started_at",
+        "end_at",
+        "ended_at",
+        "auto_pause",
+        "allow_internet_access",
+        "egress_json",
+    }
 )
+
+
+def egress_json(allow_out: Collection[str], deny_out: Collection[str]) -> str:
+    """The ``egress_json`` column's value."""
+    return orjson.dumps({"allowOut": list(allow_out), "denyOut": list(deny_out)}).decode()
 
 
 @dataclass(frozen=True)
@@ -56,6 +71,7 @@ def decode_cursor(token: str) -> tuple[datetime, str]:
 
 
 def _sandbox(row: SandboxRow) -> Sandbox:
+    egress = orjson.loads(row.egress_json)
     return Sandbox(
         id=row.id,
         team_id=row.team_id,
@@ -79,6 +95,8 @@ def _sandbox(row: SandboxRow) -> Sandbox:
         metadata=orjson.loads(row.metadata_json),
         traffic_access_token=row.traffic_access_token,
         ended_at=row.ended_at,
+        allow_out=tuple(egress.get("allowOut", ())),
+        deny_out=tuple(egress.get("denyOut", ())),
     )
 
 
@@ -110,6 +128,7 @@ class SandboxRepository:
                 created_at=sandbox.created_at,
                 traffic_access_token=sandbox.traffic_access_token,
                 metadata_json=orjson.dumps(sandbox.metadata).decode(),
+                egress_json=egress_json(sandbox.allow_out, sandbox.deny_out),
             )
         )
         await self._s.flush()  # the row first: metadata rows reference it

@@ -165,6 +165,9 @@ class SandboxRow(Base):
     #: and never changed after: listings read it with the sandbox instead of joining those rows
     #: (which exist for the metadata filters).
     metadata_json: Mapped[str] = mapped_column(Text, server_default="{}")
+    #: The egress lists as one JSON object ``{"allowOut": [...], "denyOut": [...]}`` (text);
+    #: ``allow_internet_access`` decides the rest.
+    egress_json: Mapped[str] = mapped_column(Text, server_default="{}")
 
 
 class SandboxMetadataRow(Base):

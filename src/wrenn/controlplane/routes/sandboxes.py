@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from ipaddress import IPv4Address
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote
 
@@ -18,6 +19,7 @@ from wrenn.controlplane.idempotency import Idempotency, IdempotencyKey, Outcome,
 from wrenn.controlplane.routes.snapshots import snapshot_page
 from wrenn.controlplane.sandboxes import CreateSpec, LogEntry
 from wrenn.controlplane.schemas import e2b
+from wrenn.core.egress import Egress
 from wrenn.core.errors import InvalidArgument
 
 router = APIRouter(tags=["sandboxes"])
@@ -141,6 +143,11 @@ def detail(cp: ServerContext, s: Sandbox) -> e2b.SandboxDetail:
             auto_resume=s.auto_resume,
             on_timeout=e2b.OnTimeout.PAUSE if s.auto_pause else e2b.OnTimeout.KILL,
         ),
+        network={
+            "allowPublicTraffic": s.traffic_access_token is None,
+            "allowOut": list(s.allow_out),
+            "denyOut": list(s.deny_out),
+        },
     )
 
 
@@ -148,20 +155,58 @@ def snapshot_info(s: Snapshot) -> e2b.SnapshotInfo:
     return e2b.SnapshotInfo(snapshot_id=s.id, names=[s.name] if s.name else [])
 
 
-def _public_traffic(network: dict[str, object] | None) -> bool:
-    """``network.allowPublicTraffic`` (default true); the rest of ``network`` (egress rules,
-    proxies, ...) is not supported."""
-    if not network:
-        return True
+#: What this server does of a create's ``network``; anything else in it is refused by name.
+_NETWORK_KEYS = frozenset({"allowPublicTraffic", "allowOut", "denyOut", "dnsServers"})
+
+
+def _strings(field: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidArgument(f"{field}: must be a list of strings (got {value!r:.60})")
+    return value
+
+
+def _egress(
+    internet: bool | None, allow: object, deny: object, dns_servers: object, where: str = ""
+) -> Egress:
+    """The egress a create or an update asks for. ``dnsServers`` only matter for domains in
+    ``allowOut``, which are refused: they are checked (IPv4 addresses) and have no effect."""
+    for server in _strings(f"{where}dnsServers", dns_servers):
+        try:
+            IPv4Address(server)
+        except ValueError:
+            raise InvalidArgument(
+                f"{where}dnsServers: {server[:80]!r} is not an IPv4 address"
+            ) from None
+    egress = Egress.parse(
+        internet=internet is not False,
+        allow=_strings(f"{where}allowOut", allow),
+        deny=_strings(f"{where}denyOut", deny),
+    )
+    return egress
+
+
+def _network(body: e2b.NewSandbox) -> tuple[bool, Egress]:
+    """A create's public traffic (``network.allowPublicTraffic``, default true) and egress
+    (``allow_internet_access`` with ``network.allowOut`` / ``denyOut``)."""
+    network = body.network or {}
     for key, value in network.items():
-        if key != "allowPublicTraffic" and value not in (None, [], {}, ""):
+        if key not in _NETWORK_KEYS and value not in (None, [], {}, ""):
             raise InvalidArgument(f"network.{key[:64]}: not supported by this server")
-    allow = network.get("allowPublicTraffic", True)
-    if allow is None:
-        return True
-    if not isinstance(allow, bool):
-        raise InvalidArgument(f"network.allowPublicTraffic: must be a boolean (got {allow!r:.40})")
-    return allow
+    public = network.get("allowPublicTraffic", True)
+    if public is None:
+        public = True
+    if not isinstance(public, bool):
+        raise InvalidArgument(f"network.allowPublicTraffic: must be a boolean (got {public!r:.40})")
+    egress = _egress(
+        body.allow_internet_access,
+        network.get("allowOut"),
+        network.get("denyOut"),
+        network.get("dnsServers"),
+        "network.",
+    )
+    return public, egress
 
 
 def _refuse_unsupported(body: e2b.NewSandbox) -> None:
@@ -180,6 +225,7 @@ async def _create(
     cp: ServerContext, who: Team, body: e2b.NewSandbox, default_timeout_s: int
 ) -> e2b.Sandbox:
     _refuse_unsupported(body)
+    public_traffic, egress = _network(body)
     sandbox = await cp.sandboxes.create(
         who.team.id,
         CreateSpec(
@@ -190,7 +236,9 @@ async def _create(
             auto_pause=bool(body.auto_pause),
             auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
             allow_internet_access=body.allow_internet_access,
-            public_traffic=_public_traffic(body.network),
+            public_traffic=public_traffic,
+            allow_out=tuple(egress.allow_out),
+            deny_out=tuple(egress.deny_out),
         ),
     )
     return created(cp, sandbox)
@@ -326,6 +374,17 @@ async def get_sandbox(sandbox_id: str, cp: CP, who: Team) -> e2b.SandboxDetail:
 @router.delete("/sandboxes/{sandbox_id}", status_code=204)
 async def kill_sandbox(sandbox_id: str, cp: CP, who: Team) -> Response:
     await cp.sandboxes.kill(who.team.id, sandbox_id)
+    return Response(status_code=204)
+
+
+@router.put("/sandboxes/{sandbox_id}/network", status_code=204)
+async def update_network(sandbox_id: str, body: e2b.NetworkUpdate, cp: CP, who: Team) -> Response:
+    """Replace a running sandbox's egress rules (allowOut, denyOut, allowInternetAccess)."""
+    for name, value in (("egressProxy", body.egress_proxy), ("rules", body.rules)):
+        if value:
+            raise InvalidArgument(f"{name}: not supported by this server")
+    egress = _egress(body.allow_internet_access, body.allow_out, body.deny_out, body.dns_servers)
+    await cp.sandboxes.update_network(who.team.id, sandbox_id, egress)
     return Response(status_code=204)
 
 

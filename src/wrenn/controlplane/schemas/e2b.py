@@ -76,6 +76,19 @@ class NewSandbox(_Model):
     volume_mounts: list[dict[str, object]] | None = Field(default=None, alias="volumeMounts")
 
 
+class NetworkUpdate(_Model):
+    """PUT /sandboxes/{sandboxID}/network: the sandbox's egress from now on; a field left
+    out is cleared (no entries; internet access on)."""
+
+    allow_out: list[str] | None = Field(default=None, alias="allowOut")
+    deny_out: list[str] | None = Field(default=None, alias="denyOut")
+    dns_servers: list[str] | None = Field(default=None, alias="dnsServers")
+    allow_internet_access: bool | None = Field(default=None, alias="allowInternetAccess")
+    # Accepted so their presence can be refused by name (see routes.sandboxes).
+    egress_proxy: dict[str, object] | None = Field(default=None, alias="egressProxy")
+    rules: dict[str, object] | None = None
+
+
 class TimeoutRequest(_Model):
     timeout: Seconds
 
@@ -168,6 +181,8 @@ class SandboxDetail(ListedSandbox):
     )
     domain: str | None = None
     lifecycle: Lifecycle | None = None
+    #: ``allowPublicTraffic``, ``allowOut`` and ``denyOut`` as they are now.
+    network: dict[str, object] | None = None
 
 
 class SnapshotInfo(_Model):
