@@ -504,8 +504,6 @@ def bench_guest() -> None:
     from tests.e2e.conftest import Stack as Up
     from tests.integration.agent.agent_harness import AgentHome
     from wrenn.agent.images import build_base
-    from wrenn.gen.hostagent import hostagent_pb as pb
-    from wrenn.gen.hostagent.hostagent_connect import HostAgentClient
 
     if os.geteuid() != 0 or shutil.which("qemu-system-x86_64") is None:
         print("\nguest: skipped (needs root and QEMU)")
@@ -521,15 +519,7 @@ def bench_guest() -> None:
         os.environ.update(up.quickstart.env)
         sbx = Sandbox.create(timeout=1800)
 
-        async def address() -> str:
-            agent = HostAgentClient(f"http://127.0.0.1:{up.agent_port}")
-            try:
-                listed = await agent.list_sandboxes(pb.ListSandboxesRequest())
-            finally:
-                await agent.close()
-            return next(s.address for s in listed.sandboxes if s.sandbox_id == sbx.sandbox_id)
-
-        direct = f"http://{asyncio.run(address())}:49983"
+        direct = f"http://{up.address_of(sbx.sandbox_id)}:49983"
         pids = {name: int(pid) for name, pid in _STARTED.findall(up.run_output())}
         vmm = next(
             p

@@ -11,6 +11,7 @@ trace of it is then removed (``AgentHome.scrub``) and its processes are ended by
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -31,6 +32,8 @@ from e2b import Sandbox
 from tests.conftest import free_port
 from tests.integration.agent.agent_harness import AgentHome, Leftovers
 from wrenn.agent.images import GuestImage, build_base
+from wrenn.gen.hostagent import hostagent_pb as pb
+from wrenn.gen.hostagent.hostagent_connect import HostAgentClient
 
 #: The agent's first start builds the base template (a cold boot under TCG); the image itself
 #: is built before the tests (``make image``) or by the first fixture that needs it.
@@ -154,6 +157,19 @@ class Stack:
                 raise RuntimeError(f"wrenn up exited early:\n{output}")
             time.sleep(0.5)
         raise RuntimeError(f"wrenn up never printed the quick start:\n{self.run_output()}")
+
+    def address_of(self, sandbox_id: str) -> str:
+        """The address the host reaches ``sandbox_id`` at (its slot's), as the agent lists it."""
+
+        async def listed() -> str:
+            agent = HostAgentClient(f"http://127.0.0.1:{self.agent_port}")
+            try:
+                sandboxes = (await agent.list_sandboxes(pb.ListSandboxesRequest())).sandboxes
+            finally:
+                await agent.close()
+            return next(s.address for s in sandboxes if s.sandbox_id == sandbox_id)
+
+        return asyncio.run(listed())
 
     def children(self) -> list[int]:
         """PIDs of the processes (``cp``, ``agent``) every run of ``wrenn up`` started."""

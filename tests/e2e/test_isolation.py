@@ -5,7 +5,6 @@ sandbox's egress rules, given through the SDK, are its slot's rules on the host.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import subprocess
 import time
@@ -17,8 +16,6 @@ import pytest
 from e2b import CommandExitException, Sandbox
 
 from tests.e2e.conftest import Sandboxes, Stack
-from wrenn.gen.hostagent import hostagent_pb as pb
-from wrenn.gen.hostagent.hostagent_connect import HostAgentClient
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow]
 
@@ -87,19 +84,9 @@ def test_network_is_not_shared(pair: tuple[Sandbox, Sandbox], stack: Stack) -> N
 
 
 def _egress_chain(stack: Stack, sbx: Sandbox) -> str:
-    """The egress chain of the slot ``sbx`` runs in (its address as the agent lists it), as
-    nft prints it on the host."""
-
-    async def address() -> str:
-        agent = HostAgentClient(f"http://127.0.0.1:{stack.agent_port}")
-        try:
-            listed = await agent.list_sandboxes(pb.ListSandboxesRequest())
-        finally:
-            await agent.close()
-        return next(s.address for s in listed.sandboxes if s.sandbox_id == sbx.sandbox_id)
-
+    """The egress chain of the slot ``sbx`` runs in, as nft prints it on the host."""
     pool = [str(h) for h in IPv4Network(stack.home.sandbox_pool).hosts()]
-    netns = f"{stack.home.prefix}-slot-{pool.index(asyncio.run(address()))}"
+    netns = f"{stack.home.prefix}-slot-{pool.index(stack.address_of(sbx.sandbox_id))}"
     return subprocess.run(
         ["ip", "netns", "exec", netns, "nft", "list", "chain", "inet", "wrenn", "egress"],
         capture_output=True,
