@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -17,7 +18,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import EnvdProcess
-from tests.envd.rawhttp import RawConn, open_conn
+from tests.envd.rawhttp import SAFETY_TIMEOUT_S, RawConn, open_conn
 from tests.envd.test_sendfile import fds, settled_fds
 from wrenn.envd.files import SPLICE_MIN_BYTES
 
@@ -29,6 +30,14 @@ def where() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="wrenn-splice-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def removed(path: Path) -> bool:
+    """Whether ``path`` is gone, once the upload's abort has run (or the safety timeout)."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not path.exists()
 
 
 def head(path: Path, length: int, *extra: str) -> bytes:
@@ -99,7 +108,7 @@ def test_client_gone_mid_body(fresh_envd: EnvdProcess, where: Path, conns: list[
     conn.send_raw(head(where / "cut", BIG) + os.urandom(BIG // 2))
     conn.close()
     assert settled_fds(fresh_envd, baseline) == baseline
-    assert not (where / "cut").exists()
+    assert removed(where / "cut")
     assert "files.upload_aborted" in fresh_envd.logs()
     assert probe.request("GET", "/health").status == 204
     assert "Traceback" not in fresh_envd.logs()
@@ -124,6 +133,6 @@ def test_stalled_upload_is_a_zombie_after_restore(
     assert stalled.closed_by_peer()
     # The probe (idle at the prepare) closed, the /init's connection open: one each way.
     assert settled_fds(fresh_envd, baseline) == baseline
-    assert not (where / "stalled").exists()
+    assert removed(where / "stalled")
     assert init.request("GET", "/health").status == 204
     assert "Traceback" not in fresh_envd.logs()
