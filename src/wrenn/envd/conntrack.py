@@ -31,6 +31,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from wrenn import log
 from wrenn.envd.coalesce import CoalescingTransport
+from wrenn.envd.dupsockets import DupSockets
 from wrenn.envd.sendfile import FILE_BODY, FileSender
 from wrenn.envd.splicebody import UPLOAD_BODY, BodyReceiver
 
@@ -177,6 +178,7 @@ class TrackedHttpToolsProtocol(HttpToolsProtocol):
     _conn: Conn | None = None
     _files: FileSender | None = None
     _bodies: BodyReceiver | None = None
+    _dups: DupSockets | None = None
 
     def connection_made(  # type: ignore[override]
         self, transport: asyncio.Transport
@@ -184,16 +186,15 @@ class TrackedHttpToolsProtocol(HttpToolsProtocol):
         coalescing = CoalescingTransport(transport, asyncio.get_running_loop())
         super().connection_made(coalescing)
         self._conn = self.tracker.opened(coalescing, self, self.client)
-        self._files = FileSender(coalescing)
-        self._bodies = BodyReceiver(self, coalescing)
+        self._dups = DupSockets(coalescing)
+        self._files = FileSender(coalescing, self._dups)
+        self._bodies = BodyReceiver(self, coalescing, self._dups)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._conn is not None:
             self.tracker.closed(self._conn)
-        if self._files is not None:
-            self._files.connection_lost()
-        if self._bodies is not None:
-            self._bodies.connection_lost()
+        if self._dups is not None:
+            self._dups.connection_lost()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:

@@ -9,29 +9,29 @@ any of the body yet awaits ``receive`` with the destination file's descriptor, a
 anything else (an ASGI test client) the extension is absent and the handler streams.
 
 How: uvicorn's reading is paused, the bytes it already parsed are written first, then the
-rest is spliced from a duplicate of the connection's socket, each batch on a worker thread
-(a file write can block); waiting for data happens on the loop. uvicorn's parser never sees
+rest is spliced from a duplicate of the connection's socket (``dupsockets``) through a pipe
+of the process's pool (``core.http1.wire.pipes``), each batch on a worker thread (a file write
+can block); waiting for data happens on the loop. uvicorn's parser never sees
 those bytes, so the connection cannot carry another request: the response says
 ``Connection: close``. That is why handlers take this path for large bodies only. A connection
 that ends under an upload (the client gone, or a pre-snapshot zombie aborted after a restore)
-ends it with ``UploadCut``; the duplicate is shut down with the connection.
+ends it with ``UploadCut``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import os
-import socket
 from collections.abc import Mapping
 from typing import Any
 
+from wrenn.core.http1.wire import PIPE_BYTES, pipes
 from wrenn.envd.coalesce import CoalescingTransport
+from wrenn.envd.dupsockets import DupSockets
+from wrenn.envd.filesystem.transfer import write_all
 
 #: Key under the ASGI scope's ``extensions``.
 UPLOAD_BODY = "wrenn.upload_body"
-_PIPE_BYTES = 1 << 20
 _SPLICE_IN = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 
 
@@ -50,24 +50,13 @@ def content_length(scope: Mapping[str, Any]) -> int | None:
     return length
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _splice_batch(sock: int, pipe: tuple[int, int], fd: int, want: int) -> tuple[int, bool]:
     """Move what the socket has (up to ``want`` bytes) into ``fd``; (bytes moved, whether the
     socket reached its end)."""
     moved = 0
     while moved < want:
         try:
-            got = os.splice(sock, pipe[1], min(want - moved, _PIPE_BYTES), flags=_SPLICE_IN)
+            got = os.splice(sock, pipe[1], min(want - moved, PIPE_BYTES), flags=_SPLICE_IN)
         except BlockingIOError:
             break
         if not got:
@@ -82,10 +71,10 @@ def _splice_batch(sock: int, pipe: tuple[int, int], fd: int, want: int) -> tuple
 class BodyReceiver:
     """Receives request bodies into files on one connection (see the module docstring)."""
 
-    def __init__(self, protocol: Any, transport: CoalescingTransport) -> None:
+    def __init__(self, protocol: Any, transport: CoalescingTransport, dups: DupSockets) -> None:
         self._protocol = protocol
         self._transport = transport
-        self._sockets: set[socket.socket] = set()
+        self._dups = dups
         #: The cycle whose body was taken: what uvicorn's parser still reports of it is
         #: dropped (``owns``).
         self.taken: Any = None
@@ -98,11 +87,6 @@ class BodyReceiver:
 
     def owns(self, cycle: Any) -> bool:
         return cycle is not None and cycle is self.taken
-
-    def connection_lost(self) -> None:
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
 
     async def _receive(self, cycle: Any, fd: int) -> None:
         length = content_length(cycle.scope)
@@ -121,41 +105,27 @@ class BodyReceiver:
         held, cycle.body = bytes(cycle.body), bytearray()
         loop = asyncio.get_running_loop()
         if held:
-            await loop.run_in_executor(None, _write_all, fd, held)
+            await loop.run_in_executor(None, write_all, fd, held)
         remaining = length - len(held)
         if not remaining:
             return
         if not cycle.more_body:
             raise RuntimeError("the parser ended the body before its length")
-        raw = transport.get_extra_info("socket")
-        sock = socket.socket(fileno=os.dup(raw.fileno()))
-        self._sockets.add(sock)
-        pipe = os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(pipe[1], fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        pipe = pipes.take()
+        emptied = False
         try:
-            while remaining:
-                moved, ended = await loop.run_in_executor(
-                    None, _splice_batch, sock.fileno(), pipe, fd, remaining
-                )
-                remaining -= moved
-                if ended and remaining:
-                    raise UploadCut(f"the body ended {remaining} bytes short")
-                if remaining and not moved:
-                    await _readable(loop, sock)
+            with self._dups.wire() as wire:
+                while remaining:
+                    moved, ended = await loop.run_in_executor(
+                        None, _splice_batch, wire.fd, pipe, fd, remaining
+                    )
+                    remaining -= moved
+                    if ended and remaining:
+                        raise UploadCut(f"the body ended {remaining} bytes short")
+                    if remaining and not moved:
+                        await wire.readable()
+            emptied = True
         except ConnectionError as err:
             raise UploadCut(f"the connection broke: {err.strerror or err}") from err
         finally:
-            self._sockets.discard(sock)
-            sock.close()
-            os.close(pipe[0])
-            os.close(pipe[1])
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    fut: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(sock.fileno(), _wake, fut)
-    try:
-        await fut
-    finally:
-        loop.remove_reader(sock.fileno())
+            pipes.give(pipe, empty=emptied)

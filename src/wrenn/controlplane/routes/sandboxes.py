@@ -179,12 +179,11 @@ def _egress(
             raise InvalidArgument(
                 f"{where}dnsServers: {server[:80]!r} is not an IPv4 address"
             ) from None
-    egress = Egress.parse(
+    return Egress.parse(
         internet=internet is not False,
         allow=_strings(f"{where}allowOut", allow),
         deny=_strings(f"{where}denyOut", deny),
     )
-    return egress
 
 
 def _network(body: e2b.NewSandbox) -> tuple[bool, Egress]:

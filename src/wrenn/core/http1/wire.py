@@ -38,7 +38,8 @@ READ_BYTES = 256 * 1024
 #: Bodies (and chunks) at least this long are pumped (spliced, or copied through one buffer);
 #: shorter ones go through the head buffer.
 PUMP_MIN_BYTES = 64 * 1024
-_PIPE_BYTES = 1 << 20
+#: A pipe's capacity, asked for when it is made (``F_SETPIPE_SZ``).
+PIPE_BYTES = 1 << 20
 #: Empty pipes kept for the next splice (two descriptors each).
 _SPARE_PIPES = 16
 _SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -248,7 +249,8 @@ async def _copy(src: Wire, dst: Wire, n: int) -> None:
 
 
 class _Pipes:
-    """Pipes for ``splice``, reused (only empty ones come back)."""
+    """Pipes for ``splice``, reused (only empty ones come back); one pool per process, for
+    whoever splices (the relays here, envd's uploads)."""
 
     def __init__(self) -> None:
         self._free: list[tuple[int, int]] = []
@@ -261,7 +263,7 @@ class _Pipes:
                 return self._free.pop()
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
         return r, w
 
     def give(self, pipe: tuple[int, int], *, empty: bool) -> None:
@@ -273,16 +275,16 @@ class _Pipes:
         os.close(pipe[1])
 
 
-_pipes = _Pipes()
+pipes = _Pipes()
 
 
 async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
     """Socket to socket (through a pipe, or a buffer for a reader on this host); ``n`` bytes,
     or until ``src`` ends when ``None``."""
-    if dst.local_peer or not _pipes.usable:
+    if dst.local_peer or not pipes.usable:
         await _copy_pump(src, dst, n)
         return
-    pipe = _pipes.take()
+    pipe = pipes.take()
     queued = 0  # bytes in the pipe
     remaining = n if n is not None else -1
     ended = moved = False
@@ -291,8 +293,8 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
             if src.closed or dst.closed:
                 raise Broken(src if src.closed else dst, "closed")
             progressed = False
-            if remaining and not ended and queued < _PIPE_BYTES:
-                room = _PIPE_BYTES - queued
+            if remaining and not ended and queued < PIPE_BYTES:
+                room = PIPE_BYTES - queued
                 want = room if remaining < 0 else min(remaining, room)
                 try:
                     got = os.splice(src.fd, pipe[1], want, flags=_SPLICE)
@@ -301,7 +303,7 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
                 except OSError as err:
                     if err.errno != errno.EINVAL or moved:
                         raise Broken(src, f"read failed: {err.strerror}") from err
-                    _pipes.usable = False  # no splice for these sockets: copy instead
+                    pipes.usable = False  # no splice for these sockets: copy instead
                     await _copy_pump(src, dst, n)
                     return
                 if got == 0:
@@ -330,7 +332,7 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
                 else:
                     await src.readable()
     finally:
-        _pipes.give(pipe, empty=queued == 0)
+        pipes.give(pipe, empty=queued == 0)
 
 
 #: The buffer of a copying pump, and how many are kept for the next ones (a pump holds one

@@ -126,7 +126,8 @@ def _open_for_write(path: str) -> tuple[int, bool]:
     return os.open(path, flags | os.O_TRUNC), False
 
 
-def _write_all(fd: int, data: bytes | bytearray) -> None:
+def write_all(fd: int, data: bytes | bytearray) -> None:
+    """Write all of ``data`` at ``fd``'s offset (blocking: on a worker thread)."""
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
@@ -165,7 +166,7 @@ class FileWriter:
             return
         chunk, self._buffer = self._buffer, bytearray()
         loop = asyncio.get_running_loop()
-        self._pending = loop.run_in_executor(None, _write_all, self.fd, chunk)
+        self._pending = loop.run_in_executor(None, write_all, self.fd, chunk)
 
     async def _wait(self) -> None:
         if self._pending is None:
