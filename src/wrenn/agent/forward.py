@@ -35,14 +35,8 @@ from websockets.exceptions import InvalidHandshake
 from wrenn import log
 from wrenn.agent.edge import error_response
 from wrenn.agent.guestconns import GOING_AWAY, GuestConnections
-from wrenn.core import http1, wspump
-from wrenn.core.errors import (
-    BadGateway,
-    DeadlineExceeded,
-    InvalidArgument,
-    Unavailable,
-    WrennError,
-)
+from wrenn.core import http1, sandboxport, wspump
+from wrenn.core.errors import InvalidArgument, WrennError
 
 _log = log.get(__name__)
 
@@ -163,7 +157,7 @@ class Forwarder:
         headers.append((b"host", authority.encode()))
 
         def unreachable(err: Exception) -> http1.Answer:
-            return http1.Answer.error(_unreachable(err, sandbox_id, port))
+            return http1.Answer.error(sandboxport.dial_failed(err, sandbox_id, port))
 
         return http1.Forward(
             address=(host, dial_port),
@@ -194,16 +188,6 @@ class Forwarder:
         else:
             url = f"http://{host}:{dial_port}{rest}"
             await _Exchange(scope, receive, send, target.client, url, sandbox_id, port).run()
-
-
-def _unreachable(err: Exception, sandbox_id: str, port: int) -> WrennError:
-    """What the fast path answers when the guest port did not answer (as the ASGI path)."""
-    if isinstance(err, http1.ConnectError) and err.refused:
-        # Nothing listens there: the answer E2B's proxy gives, which the SDK recognises.
-        return BadGateway(f"sandbox {sandbox_id} is running but port is not open: {port}")
-    if isinstance(err, http1.ConnectError) and err.timed_out:
-        return DeadlineExceeded(f"port {port} of sandbox {sandbox_id} timed out")
-    return Unavailable(f"cannot reach port {port} of sandbox {sandbox_id}: {err}")
 
 
 class _Exchange:
@@ -271,24 +255,15 @@ class _Exchange:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.TimeoutException:
-            await self._fail(
-                DeadlineExceeded(f"port {self.port} of sandbox {self.sandbox_id} timed out")
-            )
+            await self._fail(sandboxport.timed_out(self.sandbox_id, self.port))
             return
         except httpx.ConnectError:
             # Nothing listens there: the answer E2B's proxy gives, which the SDK recognises.
-            await self._fail(
-                BadGateway(
-                    f"sandbox {self.sandbox_id} is running but port is not open: {self.port}"
-                )
-            )
+            await self._fail(sandboxport.not_open(self.sandbox_id, self.port))
             return
         except httpx.TransportError as err:
             await self._fail(
-                Unavailable(
-                    f"cannot reach port {self.port} of sandbox {self.sandbox_id}: "
-                    f"{err.__class__.__name__}"
-                )
+                sandboxport.unreachable(self.sandbox_id, self.port, err.__class__.__name__)
             )
             return
         try:
