@@ -1,9 +1,14 @@
 """Sandbox lifecycles through the e2b SDK: the end of a timeout, pause and resume (a running
-process and memory-only files survive), connect resuming a paused sandbox, a named
-snapshot that new sandboxes start from, and forks of a running sandbox."""
+process and memory-only files survive), connect resuming a paused sandbox, every host
+connection to a guest ended by a pause, a named snapshot that new sandboxes start from,
+and forks of a running sandbox."""
 
 from __future__ import annotations
 
+import re
+import socket
+import subprocess
+import threading
 import time
 
 import pytest
@@ -87,6 +92,57 @@ def test_pause_resume_and_connect(sandboxes: Sandboxes, run_id: str) -> None:
     assert _state(sbx.sandbox_id) == SandboxState.RUNNING
     assert again.files.read("/tmp/memory.txt") == "in memory"
     assert _counting(again)
+
+
+def _holders(address: str) -> set[int]:
+    """PIDs of the host processes with a TCP connection to ``address``."""
+    out = subprocess.run(
+        ["ss", "-tnpH", "state", "connected", "dst", address],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
+
+
+def test_a_pause_ends_every_host_connection_to_the_guest(
+    sandboxes: Sandboxes, stack: Stack
+) -> None:
+    """A pause ends the host's connections to the guest, whoever holds them, while the guest
+    still runs: a process stream held open through the proxy ends for the SDK, a connection
+    another host process dialled to the guest's address is aborted (it would otherwise wait
+    forever: the guest comes back at another address), nothing on the host is left
+    connected to the old address, and the resumed sandbox answers."""
+    sbx = sandboxes.create()
+    address = stack.address_of(sbx.sandbox_id)
+    handle = sbx.commands.run("sleep 600", background=True)
+    with socket.create_connection((address, 49983), timeout=30) as dialled:
+        assert _holders(address)
+
+        ended: list[BaseException | None] = []
+
+        def wait() -> None:
+            try:
+                handle.wait()
+                ended.append(None)
+            except BaseException as err:  # the stream is cut: what the SDK raises for it
+                ended.append(err)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        assert sbx.pause() is True
+        with pytest.raises(ConnectionAbortedError):
+            dialled.recv(1)
+        waiter.join(60)
+        assert not waiter.is_alive(), "the process stream outlived the pause"
+        assert ended and ended[0] is not None
+    deadline = time.monotonic() + 10
+    while _holders(address) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _holders(address) == set()
+
+    sbx.connect()
+    assert sbx.commands.run("echo back").stdout == "back\n"
 
 
 def test_named_snapshot_starts_new_sandboxes(sandboxes: Sandboxes, run_id: str) -> None:

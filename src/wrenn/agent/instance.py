@@ -37,7 +37,7 @@ from wrenn.agent.envdclient import EnvdClient, never_sent
 from wrenn.agent.guestconns import GuestConnections
 from wrenn.agent.images import GuestImage
 from wrenn.agent.memory import MemoryImages, VmMemory
-from wrenn.agent.network import Egress, Slot, SlotPool
+from wrenn.agent.network import Egress, Slot, SlotPool, peers
 from wrenn.agent.runtime import Runtime
 from wrenn.agent.snapshots import DeviceInput, Manifest, SnapshotStore
 from wrenn.agent.steps import Steps
@@ -189,11 +189,15 @@ class Instance:
 
     async def freeze(self, dest: Path, steps: Steps) -> SnapshotFiles:
         """envd ``/snapshot/prepare`` → close the agent's idle envd connections and relayed
-        WebSockets (their FINs reach the guest while it still runs) → pause → the VMM's
-        snapshot into ``dest`` (QEMU: the device state; the memory file is the VM's own)."""
+        ones (their FINs reach the guest while it still runs), then abort any other host
+        connection to the guest (streams in use on the ASGI path's client, any other
+        process's: the guest gets resets) →
+        pause → the VMM's snapshot into ``dest`` (QEMU: the device state; the memory file is
+        the VM's own)."""
         await self.envd.prepare_snapshot()
         steps.mark("prepare")
         await asyncio.gather(self.envd.close_idle(), self.connections.close_all("sandbox pausing"))
+        await abort_peers(self.address)
         steps.mark("close_idle")
         await self.vmm.pause()
         steps.mark("pause")
@@ -227,6 +231,18 @@ class Instance:
         """Stop the VM and give back everything it held. Idempotent; runs to its end even if
         the caller is cancelled."""
         await finish(self._stack.aclose())
+
+
+async def abort_peers(address: str) -> None:
+    """Abort the host's TCP connections to ``address`` (``network.peers``); a failure is
+    logged, never raised: a pause or a stop goes on without it."""
+    try:
+        aborted = await asyncio.to_thread(peers.abort_connections_to, address)
+    except OSError as err:
+        _log.warning("vm.abort_connections_failed", address=address, error=str(err))
+        return
+    if aborted:
+        _log.info("vm.connections_aborted", address=address, count=aborted)
 
 
 #: A restored guest's first request, in place of polling /health (the host agent's /init).
@@ -293,6 +309,9 @@ async def start(
         # Reset in the background once the VM is gone: a create that finds no free slot
         # waits for it.
         stack.callback(host.pool.release_soon, slot)
+        # Once the VM is gone, before the address is anyone else's: host connections still
+        # open to it would otherwise wait forever.
+        stack.push_async_callback(abort_peers, slot.sandbox_ip)
         steps.mark("slot")
 
         run_dir = host.vm_root / f"{name}-{uuid.uuid4().hex[:8]}"
