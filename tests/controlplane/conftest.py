@@ -206,12 +206,12 @@ class LoopThread:
 class Served:
     """An ASGI app served by uvicorn on a loopback socket inside ``LoopThread``."""
 
-    def __init__(self, loop: LoopThread, app: Any) -> None:
+    def __init__(self, loop: LoopThread, app: Any, address: str = "127.0.0.1") -> None:
         self._loop = loop
         sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((address, 0))
         self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{address}:{self.port}"
         # An app with a fast path is served as wrenn-cp and wrenn-agent serve it.
         http = http1.FastPathProtocol if isinstance(app, http1.FastPathApp) else "auto"
         self.server = uvicorn.Server(
@@ -293,9 +293,10 @@ class Stack:
             self.close()
             raise
 
-    def serve(self, app: Any) -> Served:
-        """Serve ``app`` on a loopback port in the stack's loop until the stack closes."""
-        served = Served(self.loop, app)
+    def serve(self, app: Any, address: str = "127.0.0.1") -> Served:
+        """Serve ``app`` on a port of ``address`` (a loopback one) in the stack's loop until
+        the stack closes."""
+        served = Served(self.loop, app, address)
         self._served.append(served)
         return served
 

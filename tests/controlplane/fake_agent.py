@@ -37,6 +37,8 @@ class FakeSandbox:
     envd_version: str = ENVD_VERSION
     #: (allow_internet_access, allow_out, deny_out) as last set.
     egress: tuple[bool, list[str], list[str]] = (True, [], [])
+    #: The "guest" address it reports (``FakeHostAgent.sandbox_address``).
+    address: str = "127.0.0.1"
 
     def info(self) -> pb.SandboxInfo:
         return pb.SandboxInfo(
@@ -48,7 +50,7 @@ class FakeSandbox:
             started_at_ms=self.started_at_ms,
             envd_version=self.envd_version,
             build_id=self.build_id,
-            address="127.0.0.1",
+            address=self.address,
         )
 
 
@@ -67,6 +69,12 @@ class FakeHostAgent:
     fail_next: dict[str, ConnectError] = field(default_factory=dict)
     #: Version of envd its sandboxes report.
     envd_version: str = ENVD_VERSION
+    #: What GetHostInfo reports as its network: empty, the control plane reaches its
+    #: sandboxes through the forwarding path; this process's (``core.network_id``), the
+    #: proxy dials their address (``FakeSandbox.address``) itself.
+    network_id: str = ""
+    #: The address its sandboxes report.
+    sandbox_address: str = "127.0.0.1"
     #: Called when a sandbox starts (create or resume), as a real agent runs envd's /init.
     on_start: Callable[[FakeSandbox], Awaitable[None]] | None = None
     #: envd's log entries per sandbox, as a real agent keeps them (``log`` adds one).
@@ -130,6 +138,7 @@ class FakeHostAgent:
             started_at_ms=int(time.time() * 1000),
             envd_version=self.envd_version,
             egress=_egress(request),
+            address=self.sandbox_address,
         )
         if self.on_start is not None:
             await self.on_start(sandbox)
@@ -263,6 +272,7 @@ class FakeHostAgent:
             ],
             snapshots=list(self.snapshots.values()),
             version="fake",
+            network_id=self.network_id,
         )
 
     def heartbeat_body(self) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from tests.conftest import EnvdProcess
 from tests.controlplane.conftest import FakeHost, Stack, wait_for
 from tests.controlplane.fake_agent import FakeHostAgent
 from tests.controlplane.forward_double import ForwardingHost
+from wrenn.agent.network.peers import abort_connections_to
+from wrenn.core.network_id import network_id
 from wrenn.envd.config import ENVD_VERSION
 
 ENVD = "49983"
@@ -131,6 +133,7 @@ class Proxied:
     proxy_url: str
     app_port: int
     app: LoopbackApp
+    fast_path: bool
 
     def headers(self, sandbox_id: str, port: int | str = ENVD, **extra: str) -> dict[str, str]:
         return {"E2b-Sandbox-Id": sandbox_id, "E2b-Sandbox-Port": str(port), **extra}
@@ -154,8 +157,9 @@ def proxied(make_stack: Any, request: pytest.FixtureRequest) -> Iterator[Proxied
         host = stack.add_host(agent, asgi=forward)
         app = LoopbackApp()
         served = stack.serve(app)
-        proxy_url = stack.serve_proxy(fast_path=request.param == "fast-path")
-        yield Proxied(stack, host, forward, envd, proxy_url, served.port, app)
+        fast_path = request.param == "fast-path"
+        proxy_url = stack.serve_proxy(fast_path=fast_path)
+        yield Proxied(stack, host, forward, envd, proxy_url, served.port, app, fast_path)
         stack.run(forward.aclose())
     finally:
         envd.stop()
@@ -558,3 +562,56 @@ def test_a_pause_ends_the_guest_connections_and_the_next_requests_work(proxied: 
         for _ in range(3):
             assert keep.get("/echo").status_code == 200
         assert httpx.get(f"{proxied.proxy_url}/echo", headers=at_app).status_code == 200
+
+
+#: The "guest" address in the direct-dial test: a loopback address nothing else here uses.
+GUEST = "127.0.0.2"
+
+
+def test_a_guest_beside_the_control_plane_is_dialled_directly(proxied: Proxied) -> None:
+    """When the host's agent reports this process's network, the fast path dials the
+    sandbox's guest address itself (the agent's forwarding path sees nothing), answers as the
+    agent would when a port is closed, and its connections end when the agent aborts the
+    host's connections to the guest (as it does before a pause): an open stream ends for its
+    client instead of hanging, and the next requests, on kept-alive client connections too,
+    go through at once."""
+    if not proxied.fast_path:
+        pytest.skip("the ASGI path always goes through the agent")
+    guest = LoopbackApp()
+    port = proxied.stack.serve(guest, address=GUEST).port
+    proxied.host.agent.network_id = network_id()
+    proxied.host.agent.sandbox_address = GUEST
+    sid = proxied.create()["sandboxID"]
+    at_guest = proxied.headers(sid, port)
+    with httpx.Client(base_url=proxied.proxy_url, headers=at_guest, timeout=30) as keep:
+        resp = keep.get("/echo?x=1")
+        assert resp.status_code == 200, resp.text
+        echoed = resp.json()
+        assert (echoed["path"], echoed["query"]) == ("/echo", "x=1")
+        assert echoed["headers"]["host"] == f"{GUEST}:{port}"
+        assert echoed["headers"]["x-forwarded-for"] == "127.0.0.1"
+        assert "e2b-sandbox-id" not in echoed["headers"]
+        assert [f for f in proxied.forward.forwarded if f[0] == sid] == []
+
+        with socket.socket() as probe:  # a port nothing listens on
+            probe.bind((GUEST, 0))
+            closed = probe.getsockname()[1]
+        msg = _error(
+            httpx.get(f"{proxied.proxy_url}/", headers=proxied.headers(sid, closed)),
+            502,
+            "unavailable",
+        )
+        assert f"port is not open: {closed}" in msg
+
+        with httpx.stream("GET", f"{proxied.proxy_url}/stream", headers=at_guest, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines) == "tick"
+            assert keep.get("/echo").status_code == 200  # kept alive into the guest
+            assert abort_connections_to(GUEST) >= 2  # the stream's and the idle one
+            with pytest.raises(httpx.HTTPError):
+                for _ in lines:
+                    pass
+        wait_for(guest.stream_ended.is_set, "the guest's stream to end")
+        for _ in range(3):
+            assert keep.get("/echo").status_code == 200
+    assert [f for f in proxied.forward.forwarded if f[0] == sid] == []

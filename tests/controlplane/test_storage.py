@@ -22,7 +22,7 @@ from wrenn.controlplane.db.migrate import current_heads
 from wrenn.controlplane.db.tables import Base
 
 #: The newest revision the control plane ships.
-HEAD = "0007"
+HEAD = "0008"
 
 EXTENSION_REVISION = '''
 """An extension's table."""

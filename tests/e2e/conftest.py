@@ -88,7 +88,8 @@ class Stack:
     ``restart()`` stops it and starts it again on the same state, ports and settings, as a
     second ``make run`` does."""
 
-    def __init__(self, home: AgentHome) -> None:
+    def __init__(self, home: AgentHome, settings: dict[str, str] | None = None) -> None:
+        """``settings``: more ``WRENN_CP_*`` / ``WRENN_AGENT_*`` variables for ``wrenn up``."""
         self.home = home
         self.api_port, self.proxy_port, self.agent_port = free_port(), free_port(), free_port()
         self.log = home.state_dir / "up.log"
@@ -113,6 +114,7 @@ class Stack:
                 "WRENN_AGENT_SLOTS": str(home.slots),
                 # The template appears in the control plane with the heartbeat after its build.
                 "WRENN_AGENT_HEARTBEAT_INTERVAL_S": "2",
+                **(settings or {}),
             }
         )
         self._run_start = 0
@@ -174,6 +176,10 @@ class Stack:
     def children(self) -> list[int]:
         """PIDs of the processes (``cp``, ``agent``) every run of ``wrenn up`` started."""
         return [int(pid) for _, pid in _CHILD.findall(self.output())]
+
+    def pid_of(self, name: str) -> int:
+        """PID of the process ``name`` (``cp``, ``agent``) the last run started."""
+        return [int(pid) for child, pid in _CHILD.findall(self.output()) if child == name][-1]
 
     def stop(self) -> int:
         """SIGINT, as Ctrl-C in a terminal; its exit code (SIGKILL after the timeout)."""

@@ -108,17 +108,17 @@ def _holders(address: str) -> set[int]:
 def test_a_pause_ends_every_host_connection_to_the_guest(
     sandboxes: Sandboxes, stack: Stack
 ) -> None:
-    """A pause ends the host's connections to the guest, whoever holds them, while the guest
-    still runs: a process stream held open through the proxy ends for the SDK, a connection
-    another host process dialled to the guest's address is aborted (it would otherwise wait
-    forever: the guest comes back at another address), nothing on the host is left
-    connected to the old address, and the resumed sandbox answers."""
+    """``wrenn up`` runs the control plane beside the agent, so its proxy dials a guest itself
+    (one relay, not two). A pause ends the host's connections to the guest, whoever holds
+    them, while the guest still runs: a process stream held open through the proxy ends for
+    the SDK, a connection another host process dialled to the guest's address is aborted (it
+    would otherwise wait forever: the guest comes back at another address), nothing on the
+    host is left connected to the old address, and the resumed sandbox answers."""
     sbx = sandboxes.create()
     address = stack.address_of(sbx.sandbox_id)
     handle = sbx.commands.run("sleep 600", background=True)
+    assert stack.pid_of("cp") in _holders(address)
     with socket.create_connection((address, 49983), timeout=30) as dialled:
-        assert _holders(address)
-
         ended: list[BaseException | None] = []
 
         def wait() -> None:
@@ -143,6 +143,9 @@ def test_a_pause_ends_every_host_connection_to_the_guest(
 
     sbx.connect()
     assert sbx.commands.run("echo back").stdout == "back\n"
+    again = sbx.commands.run("sleep 600", background=True)
+    assert stack.pid_of("cp") in _holders(stack.address_of(sbx.sandbox_id))
+    again.kill()
 
 
 def test_named_snapshot_starts_new_sandboxes(sandboxes: Sandboxes, run_id: str) -> None:

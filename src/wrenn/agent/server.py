@@ -23,6 +23,7 @@ from wrenn.agent.manager import CreateParams, Manager
 from wrenn.agent.network import Egress
 from wrenn.agent.sandbox import SandboxState, SandboxView
 from wrenn.core import http1
+from wrenn.core.network_id import network_id
 from wrenn.gen.hostagent import hostagent_pb as pb
 from wrenn.gen.hostagent.hostagent_connect import HostAgent, HostAgentASGIApplication
 
@@ -185,6 +186,7 @@ class HostAgentService(HostAgent):
         return pb.GetHostInfoResponse(
             runtime=info.runtime,
             runtime_reason=info.runtime_reason,
+            network_id=network_id(),
             vcpus=info.vcpus,
             memory_bytes=info.memory_bytes,
             memory_free_bytes=info.memory_free_bytes,

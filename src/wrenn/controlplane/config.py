@@ -53,6 +53,10 @@ class ControlPlaneSettings(BaseSettings):
     proxy_connect_timeout_s: float = Field(default=5.0, gt=0)
     #: How long a request waits for a starting or resuming sandbox (incl. auto-resume).
     proxy_resume_wait_s: float = Field(default=60.0, gt=0)
+    #: Dial a sandbox's guest directly when its host agent runs on this machine in this
+    #: network namespace (``guestdial``: one relay instead of two); else, and when false,
+    #: every request goes through the agent's forwarding path.
+    proxy_dial_guests: bool = True
     #: How long the proxy trusts what it looked up about a sandbox (changes made by this
     #: process are seen at once; other replicas' after at most this).
     proxy_cache_s: float = Field(default=1.0, ge=0)

@@ -95,6 +95,10 @@ class AgentClient:
         resp = await self._call("GetSandboxLogs", lambda: self._client.get_sandbox_logs(req))
         return list(resp.entries)
 
+    async def host_info(self) -> pb.GetHostInfoResponse:
+        req = pb.GetHostInfoRequest()
+        return await self._call("GetHostInfo", lambda: self._client.get_host_info(req))
+
     async def aclose(self) -> None:
         await self._client.close()
 

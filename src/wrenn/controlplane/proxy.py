@@ -29,9 +29,12 @@ What a request gets when it cannot be forwarded (bodies ``{code, message}``):
 Two ways in, one behaviour: ``route`` is the fast path (``core.http1``, how ``wrenn-cp`` serves
 the proxy port and sandbox traffic on the API port): a plain HTTP request is looked up and
 checked as above, then relayed byte for byte to the host agent, bodies moved socket to socket
-(``core.http1.wire``), over kept-alive connections. WebSocket upgrades, HTTP/1.0, hosts
-reached over TLS and connections uvicorn serves already (one that carried an API call first)
-take the ASGI app (``__call__``), which relays through ``relay`` and ``upstream``.
+(``core.http1.wire``), over kept-alive connections. When the host's agent runs beside this
+process (``guestdial``) and the sandbox's guest address is known, the fast path dials the
+guest's port itself instead, and answers as the agent would when it does not answer
+(``core.sandboxport``). WebSocket upgrades, HTTP/1.0, hosts reached over TLS and connections
+uvicorn serves already (one that carried an API call first) take the ASGI app (``__call__``),
+which relays through ``relay`` and ``upstream`` to the agent.
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ from wrenn.controlplane.context import ServerContext
 from wrenn.controlplane.db.records import Host, Sandbox, SandboxState
 from wrenn.controlplane.errors import BadGateway, Conflict
 from wrenn.controlplane.events import Event
+from wrenn.controlplane.guestdial import GuestDialing
 from wrenn.controlplane.upstream import Origin, UpstreamPool
-from wrenn.core import http1
+from wrenn.core import http1, sandboxport
 from wrenn.core.errors import (
     Internal,
     InvalidArgument,
@@ -143,6 +147,7 @@ class SandboxProxy:
         self._routes: dict[str, _Route] = {}
         self._upstream = UpstreamPool(connect_timeout_s=cfg.proxy_connect_timeout_s)
         self._pool = http1.Pool()
+        self._guests = GuestDialing(ctx.hosts, enabled=cfg.proxy_dial_guests)
         ctx.events.subscribe(self._forget)
 
     async def aclose(self) -> None:
@@ -168,7 +173,7 @@ class SandboxProxy:
         except InvalidArgument:
             return True
 
-    async def _admit(self, headers: Headers) -> tuple[Target, Host]:
+    async def _admit(self, headers: Headers) -> tuple[Target, Sandbox, Host]:
         """The sandbox a request is for, once it runs and the request may reach it."""
         target = target_of(headers, self._domain)
         if target is None:
@@ -180,14 +185,14 @@ class SandboxProxy:
             raise Unavailable("the control plane is starting; retry shortly")
         sandbox, host = await self._running(target.sandbox_id)
         _check_traffic_token(headers, sandbox, target.port)
-        return target, host
+        return target, sandbox, host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await _lifespan(receive, send)
             return
         try:
-            target, host = await self._admit(scope["headers"])
+            target, _, host = await self._admit(scope["headers"])
         except WrennError as err:
             await _refuse(scope, receive, send, err)
             return
@@ -203,7 +208,9 @@ class SandboxProxy:
     ) -> http1.Forward | http1.Answer | None:
         """The fast path on the proxy port: every request there is sandbox traffic."""
         try:
-            target, host = await self._admit(head.headers)
+            target, sandbox, host = await self._admit(head.headers)
+            if sandbox.guest_address and await self._guests.reaches(host):
+                return self._to_guest(head, client, target, sandbox.guest_address)
         except WrennError as err:
             return http1.Answer.error(err)
         except Exception:
@@ -233,6 +240,27 @@ class SandboxProxy:
             unreachable=refuse,
             log_name="proxy",
             log_fields={"sandbox_id": target.sandbox_id},
+        )
+
+    def _to_guest(
+        self, head: http1.RequestHead, client: str | None, target: Target, address: str
+    ) -> http1.Forward:
+        """The fast path's relay straight to the guest's port (see ``guestdial``)."""
+        headers = _upstream_headers(head.headers, client)
+        headers.append((b"host", f"{address}:{target.port}".encode()))
+
+        def refuse(err: Exception) -> http1.Answer:
+            return http1.Answer.error(sandboxport.dial_failed(err, target.sandbox_id, target.port))
+
+        return http1.Forward(
+            address=(address, target.port),
+            target=head.target,
+            headers=headers,
+            pool=self._pool,
+            connect_timeout_s=self._connect_timeout_s,
+            unreachable=refuse,
+            log_name="proxy",
+            log_fields={"sandbox_id": target.sandbox_id, "port": target.port},
         )
 
     async def route_api(

@@ -304,6 +304,7 @@ class Sandboxes:
                 {SandboxState.STARTING},
                 SandboxState.RUNNING,
                 envd_version=info.envd_version or sandbox.envd_version,
+                guest_address=info.address,
                 started_at=started,
                 end_at=started + timedelta(seconds=timeout_s),
             )
@@ -505,6 +506,7 @@ class Sandboxes:
             "end_at": now + timedelta(seconds=timeout_s),
             "build_id": None,
             "envd_version": info.envd_version or sandbox.envd_version,
+            "guest_address": info.address,
         }
         if auto_pause is not None:
             values["auto_pause"] = auto_pause

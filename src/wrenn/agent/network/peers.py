@@ -1,6 +1,7 @@
 """Ending the host's TCP connections to one guest, whoever holds them: the agent's own (the
 streaming envd client's requests in flight, which no pool closes), or any other process on
-the host that dialled the guest's address. A guest that pauses comes back in another slot,
+the host that dialled the guest's address (a control plane beside the agent: its proxy dials
+guests itself). A guest that pauses comes back in another slot,
 at another address, and a stopped one never comes back, so a connection to the old address
 would hang for as long as its holder waits: each is aborted instead (``SOCK_DESTROY`` over
 ``sock_diag`` netlink, what ``ss -K`` does), its holder's next read or write fails at once

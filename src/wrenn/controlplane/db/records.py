@@ -151,6 +151,9 @@ class Sandbox:
     #: Destinations the guest may always / never reach (normalised IPv4 CIDR blocks).
     allow_out: tuple[str, ...] = ()
     deny_out: tuple[str, ...] = ()
+    #: The guest's address on its host, as the host's agent gave it when the sandbox last
+    #: started or resumed (the proxy may dial it there); empty: none known.
+    guest_address: str = ""
 
 
 class SandboxSummary(NamedTuple):

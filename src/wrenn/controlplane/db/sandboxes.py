@@ -35,6 +35,7 @@ _UPDATABLE = frozenset(
         "auto_pause",
         "allow_internet_access",
         "egress_json",
+        "guest_address",
     }
 )
 
@@ -97,6 +98,7 @@ def _sandbox(row: SandboxRow) -> Sandbox:
         ended_at=row.ended_at,
         allow_out=tuple(egress.get("allowOut", ())),
         deny_out=tuple(egress.get("denyOut", ())),
+        guest_address=row.guest_address,
     )
 
 
@@ -129,6 +131,7 @@ class SandboxRepository:
                 traffic_access_token=sandbox.traffic_access_token,
                 metadata_json=orjson.dumps(sandbox.metadata).decode(),
                 egress_json=egress_json(sandbox.allow_out, sandbox.deny_out),
+                guest_address=sandbox.guest_address,
             )
         )
         await self._s.flush()  # the row first: metadata rows reference it

@@ -168,6 +168,8 @@ class SandboxRow(Base):
     #: The egress lists as one JSON object ``{"allowOut": [...], "denyOut": [...]}`` (text);
     #: ``allow_internet_access`` decides the rest.
     egress_json: Mapped[str] = mapped_column(Text, server_default="{}")
+    #: The guest's address on its host as the agent last reported it; empty: none known.
+    guest_address: Mapped[str] = mapped_column(String(64), server_default="")
 
 
 class SandboxMetadataRow(Base):
