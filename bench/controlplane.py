@@ -31,9 +31,12 @@ What each row measures:
   direct download is the slower for it (the client spends more CPU per byte).
 - guest (root and QEMU): the same through ``wrenn up`` (control plane, real host agent, a
   QEMU guest from the base image): straight to the guest's envd at the address its host
-  dials (the sandbox's slot address), and through the proxy port as the SDK goes. Three
-  uploads per path (the guest's vCPU bounds them), then twenty rounds of downloads. CPU
-  seconds as above, "vm" being the sandbox's QEMU process.
+  dials (the sandbox's slot address), through the agent's forwarding path (one relay), and
+  through the proxy port as the SDK goes: the control plane runs beside the agent there, so
+  its proxy dials the guest itself (one relay too; ``WRENN_CP_PROXY_DIAL_GUESTS=false`` in the
+  environment measures it through the agent, two). Three uploads per path (the guest's vCPU
+  bounds them), then twenty rounds of downloads. CPU seconds as above, "vm" being the
+  sandbox's QEMU process.
 
 The control plane, the forwarding double and envd each run in a process of their own, and the
 measuring client in another, as they would on real machines (here they share its cores).
@@ -513,7 +516,8 @@ def bench_guest() -> None:
     up: Any = None
     sbx: Sandbox | None = None
     try:
-        up = Up(home)
+        dials = os.environ.get("WRENN_CP_PROXY_DIAL_GUESTS", "true").lower() not in ("false", "0")
+        up = Up(home, {"WRENN_CP_PROXY_DIAL_GUESTS": str(dials).lower()})
         for name in ("E2B_DEBUG", "E2B_DOMAIN", "E2B_ACCESS_TOKEN"):
             os.environ.pop(name, None)
         os.environ.update(up.quickstart.env)
@@ -530,7 +534,12 @@ def bench_guest() -> None:
         paths = [
             ("guest directly (its host address)", direct, auth),
             (
-                "proxy -> agent -> guest",
+                "agent forwarding path -> guest",
+                f"http://127.0.0.1:{up.agent_port}/sandboxes/{sbx.sandbox_id}/port/49983",
+                auth,
+            ),
+            (
+                "proxy (dials the guest) -> guest" if dials else "proxy -> agent -> guest",
                 up.quickstart.env["E2B_SANDBOX_URL"],
                 {**auth, "E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"},
             ),
