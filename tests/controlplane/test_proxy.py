@@ -26,6 +26,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError
 from e2b import Sandbox, SandboxNotRunningException
 from starlette.types import Receive, Scope, Send
 from websockets.exceptions import InvalidStatus
@@ -615,3 +617,17 @@ def test_a_guest_beside_the_control_plane_is_dialled_directly(proxied: Proxied) 
         for _ in range(3):
             assert keep.get("/echo").status_code == 200
     assert [f for f in proxied.forward.forwarded if f[0] == sid] == []
+
+
+@pytest.mark.parametrize("proxied", ["fast-path"], indirect=True)
+def test_traffic_goes_through_the_agent_while_it_does_not_say_where_it_runs(
+    proxied: Proxied,
+) -> None:
+    """An agent whose GetHostInfo fails (or does not come) gets its sandboxes' traffic through
+    its forwarding path meanwhile: the request is answered, never failed for it."""
+    proxied.host.agent.network_id = network_id()
+    proxied.host.agent.fail_next["GetHostInfo"] = ConnectError(Code.UNAVAILABLE, "busy")
+    sid = proxied.create()["sandboxID"]
+    resp = httpx.get(f"{proxied.proxy_url}/echo", headers=proxied.headers(sid, proxied.app_port))
+    assert resp.status_code == 200, resp.text
+    assert [f[2] for f in proxied.forward.forwarded if f[0] == sid] == ["/echo"]

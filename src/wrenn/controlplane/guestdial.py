@@ -66,6 +66,10 @@ class GuestDialing:
         except (WrennError, TimeoutError) as err:
             _log.info("proxy.host_unasked", host_id=host.id, error=type(err).__name__)
             return _Verdict(host.address, False, time.monotonic() + _RETRY_S)
+        except Exception:
+            # Only a shortcut is lost: requests go through the agent meanwhile.
+            _log.exception("proxy.host_unasked", host_id=host.id)
+            return _Verdict(host.address, False, time.monotonic() + _RETRY_S)
         local = info.network_id == self._ours
         previous = self._verdicts.get(host.id)
         if previous is None or previous.local != local:
