@@ -5,6 +5,7 @@ and forks of a running sandbox."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -105,6 +106,18 @@ def _holders(address: str) -> set[int]:
     return {int(pid) for pid in re.findall(r"pid=(\d+)", out)}
 
 
+def _start_stream(address: str, token: str, command: str) -> bytes:
+    """A raw process.Process/Start request (Connect, JSON) running ``command``."""
+    message = json.dumps({"process": {"cmd": "/bin/sh", "args": ["-c", command]}}).encode()
+    envelope = b"\x00" + len(message).to_bytes(4, "big") + message
+    head = (
+        f"POST /process.Process/Start HTTP/1.1\r\nHost: {address}:49983\r\n"
+        "Content-Type: application/connect+json\r\nConnect-Protocol-Version: 1\r\n"
+        f"X-Access-Token: {token}\r\nContent-Length: {len(envelope)}\r\n\r\n"
+    )
+    return head.encode() + envelope
+
+
 def test_a_pause_ends_every_host_connection_to_the_guest(
     sandboxes: Sandboxes, stack: Stack
 ) -> None:
@@ -119,6 +132,10 @@ def test_a_pause_ends_every_host_connection_to_the_guest(
     handle = sbx.commands.run("sleep 600", background=True)
     assert stack.pid_of("cp") in _holders(address)
     with socket.create_connection((address, 49983), timeout=30) as dialled:
+        # A process stream of its own, straight to the guest: in flight, so envd's
+        # /snapshot/prepare (which closes idle connections) leaves it open.
+        dialled.sendall(_start_stream(address, sbx._envd_access_token or "", "sleep 600"))
+        assert dialled.recv(65536).startswith(b"HTTP/1.1 200 ")
         ended: list[BaseException | None] = []
 
         def wait() -> None:
@@ -132,7 +149,8 @@ def test_a_pause_ends_every_host_connection_to_the_guest(
         waiter.start()
         assert sbx.pause() is True
         with pytest.raises(ConnectionAbortedError):
-            dialled.recv(1)
+            while dialled.recv(65536):  # the stream's events, up to the abort
+                pass
         waiter.join(60)
         assert not waiter.is_alive(), "the process stream outlived the pause"
         assert ended and ended[0] is not None
