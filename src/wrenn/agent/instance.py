@@ -189,11 +189,9 @@ class Instance:
 
     async def freeze(self, dest: Path, steps: Steps) -> SnapshotFiles:
         """envd ``/snapshot/prepare`` → close the agent's idle envd connections and relayed
-        ones (their FINs reach the guest while it still runs), then abort any other host
-        connection to the guest (streams in use on the ASGI path's client, any other
-        process's: the guest gets resets) →
-        pause → the VMM's snapshot into ``dest`` (QEMU: the device state; the memory file is
-        the VM's own)."""
+        ones (their FINs reach the guest while it still runs), then abort every other host
+        connection to the guest (the guest gets resets) → pause → the VMM's snapshot into
+        ``dest`` (QEMU: the device state; the memory file is the VM's own)."""
         await self.envd.prepare_snapshot()
         steps.mark("prepare")
         await asyncio.gather(self.envd.close_idle(), self.connections.close_all("sandbox pausing"))

@@ -6,7 +6,7 @@ those connections when it matters: before a pause and once the VM stops it abort
 connection to the guest's address, the proxy's too (``wrenn.agent.network.peers``).
 
 What a host's agent said is kept for ``_KEEP_S`` (its address changing asks again); an agent
-that does not answer within ``_ASK_TIMEOUT_S`` counts as elsewhere until ``_RETRY_S``."""
+that fails to answer within ``_ASK_TIMEOUT_S`` counts as elsewhere until ``_RETRY_S``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from wrenn import log
 from wrenn.controlplane.db.records import Host
 from wrenn.controlplane.hostpool import HostPool
-from wrenn.core.errors import WrennError
 from wrenn.core.network_id import network_id
 
 _log = log.get(__name__)
@@ -63,12 +62,9 @@ class GuestDialing:
             agent = await self._hosts.get(host)
             async with asyncio.timeout(_ASK_TIMEOUT_S):
                 info = await agent.host_info()
-        except (WrennError, TimeoutError) as err:
+        except Exception as err:
+            # Whatever went wrong, only a shortcut is lost: requests go through the agent.
             _log.info("proxy.host_unasked", host_id=host.id, error=type(err).__name__)
-            return _Verdict(host.address, False, time.monotonic() + _RETRY_S)
-        except Exception:
-            # Only a shortcut is lost: requests go through the agent meanwhile.
-            _log.exception("proxy.host_unasked", host_id=host.id)
             return _Verdict(host.address, False, time.monotonic() + _RETRY_S)
         local = info.network_id == self._ours
         previous = self._verdicts.get(host.id)

@@ -43,9 +43,10 @@ _DST_AT = 4 + 16
 #: struct inet_diag_msg: family, state, timer, retransmits, then the socket id.
 _MSG_SOCKID_AT = 4
 
-#: TCP states with a peer that would wait on the guest: every state but LISTEN (10),
-#: CLOSE (7), TIME_WAIT (6) and SYN_RECV (3).
-_CONNECTED_STATES = ((1 << 12) - 1) & ~((1 << 10) | (1 << 7) | (1 << 6) | (1 << 3))
+#: Every TCP state (a bit each), and those with a peer that would wait on the guest: all but
+#: LISTEN (10), CLOSE (7), TIME_WAIT (6) and SYN_RECV (3).
+_ALL_STATES = (1 << 12) - 1
+_CONNECTED_STATES = _ALL_STATES & ~((1 << 10) | (1 << 7) | (1 << 6) | (1 << 3))
 
 _unsupported_logged = False
 
@@ -119,8 +120,7 @@ def _dump(nl: socket.socket) -> list[bytes]:
 
 
 def _destroy(nl: socket.socket, seq: int, sockid: bytes) -> int:
-    all_states = (1 << 12) - 1
-    nl.sendall(_request(_SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, seq, all_states, sockid))
+    nl.sendall(_request(_SOCK_DESTROY, _NLM_F_REQUEST | _NLM_F_ACK, seq, _ALL_STATES, sockid))
     while True:
         for msg_type, payload in _messages(nl):
             if msg_type == _NLMSG_ERROR:
