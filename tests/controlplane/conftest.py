@@ -283,6 +283,7 @@ class Stack:
             self.app = build(self.settings, extensions, announce_bootstrap_key=False)
             self.cp: ServerContext = self.app.state.context
             self.proxy: SandboxProxy = self.app.state.proxy
+            http1.redirect_in_kernel(self.settings.proxy_redirect_in_kernel)  # as serve() does
             self.api = self.serve(http1.FastPathApp(self.app, self.proxy.route_api))
             if admin_key is None:
                 assert self.cp.bootstrap_key is not None, "database was not empty"

@@ -38,10 +38,17 @@ from tests.controlplane.conftest import FakeHost, Stack, wait_for
 from tests.controlplane.fake_agent import FakeHostAgent
 from tests.controlplane.forward_double import ForwardingHost
 from wrenn.agent.network.peers import abort_connections_to
+from wrenn.core.http1 import wire
 from wrenn.core.network_id import network_id
 from wrenn.envd.config import ENVD_VERSION
 
 ENVD = "49983"
+#: What ``/bytes/{n}`` answers with, over and over.
+BLOCK = os.urandom(1 << 20)
+
+
+def _blocks(n: int) -> bytes:
+    return (BLOCK * (n // len(BLOCK) + 1))[:n]
 
 
 @dataclass
@@ -71,6 +78,9 @@ class LoopbackApp:
         if scope["path"] == "/early":  # answers without reading the body
             await send({"type": "http.response.start", "status": 413, "headers": []})
             await send({"type": "http.response.body", "body": b"too large"})
+            return
+        if scope["path"].startswith("/bytes/"):  # n bytes of BLOCK over and over
+            await self._bytes(int(scope["path"].rsplit("/", 1)[1]), send)
             return
         if scope["path"].startswith("/status/"):
             status = int(scope["path"].rsplit("/", 1)[1])
@@ -107,6 +117,15 @@ class LoopbackApp:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+    async def _bytes(self, n: int, send: Send) -> None:
+        headers = [(b"content-length", b"%d" % n)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        view = memoryview(BLOCK)
+        while n:
+            piece = view[: min(n, len(BLOCK))]
+            n -= len(piece)
+            await send({"type": "http.response.body", "body": bytes(piece), "more_body": bool(n)})
 
     async def _stream(self, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
@@ -564,6 +583,35 @@ def test_a_pause_ends_the_guest_connections_and_the_next_requests_work(proxied: 
         for _ in range(3):
             assert keep.get("/echo").status_code == 200
         assert httpx.get(f"{proxied.proxy_url}/echo", headers=at_app).status_code == 200
+
+
+def test_long_downloads_move_in_the_kernel_and_a_pause_still_ends_them(proxied: Proxied) -> None:
+    """A long response body goes from socket to socket in the kernel on both relays here
+    (the agent's forwarding path and the proxy's fast path; the ASGI path copies its own
+    hop) and arrives exact; a pause mid-download ends it for the client instead of leaving
+    it waiting, and the next requests go through."""
+    sid = proxied.create()["sandboxID"]
+    at_app = proxied.headers(sid, proxied.app_port)
+    before = wire.redirecting.bodies
+    with httpx.Client(base_url=proxied.proxy_url, headers=at_app, timeout=30) as c:
+        for size in (40 * 2**20 + 5, 9 * 2**20):
+            got = c.get(f"/bytes/{size}")
+            assert got.status_code == 200
+            assert hashlib.sha256(got.content).digest() == hashlib.sha256(_blocks(size)).digest()
+        if os.geteuid() == 0:  # loading the BPF program needs root
+            assert wire.redirecting.unavailable is None
+            assert wire.redirecting.bodies - before >= (4 if proxied.fast_path else 2)
+        with c.stream("GET", f"/bytes/{1 << 30}") as resp:
+            pieces = resp.iter_raw(1 << 20)
+            for _ in range(8):
+                next(pieces)
+            connections = proxied.forward.connections[sid]
+            assert proxied.stack.run(connections.close_all("sandbox pausing")) >= 1
+            with pytest.raises(httpx.HTTPError):
+                for _ in pieces:
+                    pass
+        for _ in range(3):
+            assert c.get("/echo").status_code == 200
 
 
 #: The "guest" address in the direct-dial test: a loopback address nothing else here uses.

@@ -1,7 +1,7 @@
 """Sandbox lifecycles through the e2b SDK: the end of a timeout, pause and resume (a running
 process and memory-only files survive), connect resuming a paused sandbox, every host
-connection to a guest ended by a pause, a named snapshot that new sandboxes start from,
-and forks of a running sandbox."""
+connection to a guest ended by a pause (a download under way too), a named snapshot that new
+sandboxes start from, and forks of a running sandbox."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 
+import httpx
 import pytest
 from e2b import Sandbox, SandboxNotFoundException, SandboxQuery, SandboxState
 
@@ -164,6 +165,53 @@ def test_a_pause_ends_every_host_connection_to_the_guest(
     again = sbx.commands.run("sleep 600", background=True)
     assert stack.pid_of("cp") in _holders(stack.address_of(sbx.sandbox_id))
     again.kill()
+
+
+def test_a_pause_ends_a_download_under_way(sandboxes: Sandboxes, stack: Stack) -> None:
+    """A long download through the proxy moves socket to socket in the kernel (docs/api.md,
+    *Relaying*); paused meanwhile, the agent's abort of the proxy's connection to the guest
+    ends it for its client, cut short, instead of leaving it waiting; the sandbox resumes."""
+    sbx = sandboxes.create()
+    size = 8 << 30
+    sbx.commands.run(f"truncate -s {size} /home/user/huge.bin")  # sparse: nothing to write
+    headers = {
+        "E2b-Sandbox-Id": sbx.sandbox_id,
+        "E2b-Sandbox-Port": "49983",
+        "X-Access-Token": sbx._envd_access_token or "",
+    }
+    got: list[int] = [0]
+    ended: list[BaseException | None] = []
+    with httpx.stream(
+        "GET",
+        f"{stack.quickstart.env['E2B_SANDBOX_URL']}/files",
+        params={"path": "/home/user/huge.bin"},
+        headers=headers,
+        timeout=60,
+    ) as resp:
+        assert resp.status_code == 200
+        assert int(resp.headers["content-length"]) == size
+
+        def read() -> None:
+            try:
+                for chunk in resp.iter_raw(1 << 20):
+                    got[0] += len(chunk)
+                ended.append(None)
+            except httpx.HTTPError as err:
+                ended.append(err)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while got[0] < 64 << 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got[0] >= 64 << 20 and not ended
+        assert sbx.pause() is True
+        reader.join(60)
+        assert not reader.is_alive(), "the download outlived the pause"
+        assert ended and ended[0] is not None, "the download was not cut"
+        assert got[0] < size
+    sbx.connect()
+    assert sbx.commands.run("echo back").stdout == "back\n"
 
 
 def test_named_snapshot_starts_new_sandboxes(sandboxes: Sandboxes, run_id: str) -> None:

@@ -5,6 +5,7 @@ kill. The commands, files and PTY tests share one sandbox: none changes what ano
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import time
@@ -89,6 +90,14 @@ def test_files(sbx: Sandbox) -> None:
     sbx.files.write(f"{root}/spliced.bin", io.BytesIO(spliced))
     assert sbx.files.read(f"{root}/spliced.bin", format="bytes") == spliced
     assert sbx.commands.run(f"stat -c %U {root}/spliced.bin").stdout == "user\n"
+
+    # A long download: on its way through the agent and the proxy its bytes move socket to
+    # socket in the kernel (docs/api.md, *Relaying*).
+    sbx.commands.run(f"head -c {40 << 20} /dev/urandom > {HOME}/long.bin")
+    digest = sbx.commands.run(f"sha256sum {HOME}/long.bin").stdout.split()[0]
+    long = sbx.files.read(f"{HOME}/long.bin", format="bytes")
+    assert (len(long), hashlib.sha256(long).hexdigest()) == (40 << 20, digest)
+    sbx.files.remove(f"{HOME}/long.bin")
 
     assert sorted(e.name for e in sbx.files.list(root)) == ["blob.bin", "hello.txt", "spliced.bin"]
     sbx.files.rename(f"{root}/hello.txt", f"{root}/moved.txt")

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     log.configure(settings.log_level)
     # One line per request to a guest's envd is noise; failures are logged where handled.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    http1.redirect_in_kernel(settings.redirect_in_kernel)
     config = uvicorn.Config(
         server.build(settings),
         host=settings.host,

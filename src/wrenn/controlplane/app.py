@@ -207,6 +207,7 @@ async def serve(app: FastAPI, settings: ControlPlaneSettings) -> bool:
         )
 
     proxy: SandboxProxy = app.state.proxy
+    http1.redirect_in_kernel(settings.proxy_redirect_in_kernel)
     api = uvicorn.Server(config(http1.FastPathApp(app, proxy.route_api), settings.port, "on"))
     servers = [api]
     if settings.proxy_port:

@@ -7,7 +7,9 @@ host agent's forwarding path: heads are parsed, bodies are moved from socket to 
     body      one body moved as framed: length, chunks, until close
     head      heads parsed (httptools) and written
     pool      upstream connections kept alive
-    wire      one socket driven by the loop; bodies moved between two (splice or one buffer)
+    wire      one socket driven by the loop; bodies moved between two (splice, one buffer,
+              or a kernel redirect: ``redirect_in_kernel``)
+    sockmap   the kernel redirect: a BPF verdict program moving a body socket to socket
 
 Imports nothing of the project but ``core.errors`` and ``log``.
 """
@@ -16,6 +18,7 @@ from wrenn.core.http1.exchange import Answer, Forward, UpstreamFailed
 from wrenn.core.http1.front import FastPathApp, FastPathProtocol, Route
 from wrenn.core.http1.head import HOP_BY_HOP, Headers, RequestHead
 from wrenn.core.http1.pool import ConnectError, Pool, Upstream
+from wrenn.core.http1.wire import redirect_in_kernel
 
 __all__ = [
     "HOP_BY_HOP",
@@ -30,4 +33,5 @@ __all__ = [
     "Route",
     "Upstream",
     "UpstreamFailed",
+    "redirect_in_kernel",
 ]

@@ -24,15 +24,18 @@ class Malformed(Broken):
     """The body's framing is broken: the connection cannot be trusted past it."""
 
 
-async def relay(src: Wire, dst: Wire | None, framing: Framing, length: int) -> None:
+async def relay(
+    src: Wire, dst: Wire | None, framing: Framing, length: int, *, last: bool = False
+) -> None:
     """Move (or, without ``dst``, read and drop) one body of ``src``. Bytes past its end stay
-    in ``src.buffer``."""
+    in ``src.buffer``. ``last``: nothing follows the body on ``src`` until ``dst``'s peer asks
+    for more (a response; see ``wire.move``)."""
     if framing is Framing.NONE:
         return
     if framing is Framing.CHUNKED:
         await _chunked(src, dst)
     elif dst is not None:
-        await move(src, dst, length if framing is Framing.LENGTH else None)
+        await move(src, dst, length if framing is Framing.LENGTH else None, last=last)
     else:
         await _drop(src, length if framing is Framing.LENGTH else None)
 

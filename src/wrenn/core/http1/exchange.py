@@ -320,7 +320,9 @@ class _Exchange:
         try:
             out = render_response(response.status, response.reason, headers, extra)
             await self._guard(self.client.send(out))
-            await self._guard(relay_body(conn, self.client, response.framing, response.length))
+            await self._guard(
+                relay_body(conn, self.client, response.framing, response.length, last=True)
+            )
         except (Broken, _ClientGone) as err:
             conn.abort()
             if isinstance(err, Broken) and err.wire is conn:

@@ -31,7 +31,11 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
+
+from wrenn import log
+from wrenn.core.http1 import sockmap
 
 #: One read of a head, a chunk size line or a small body.
 READ_BYTES = 256 * 1024
@@ -45,6 +49,8 @@ _SPARE_PIPES = 16
 _SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 #: SO_LINGER on, 0 s: close() resets the connection.
 _RESET = struct.pack("ii", 1, 0)
+
+_log = log.get(__name__)
 
 
 class Broken(Exception):
@@ -223,9 +229,11 @@ class Wire:
             self.close()
 
 
-async def move(src: Wire, dst: Wire, n: int | None) -> None:
+async def move(src: Wire, dst: Wire, n: int | None, *, last: bool = False) -> None:
     """Move ``n`` bytes of ``src`` (``None``: until it ends) to ``dst``: its buffer first,
-    then straight from socket to socket. Raises ``Truncated`` when ``src`` ends short."""
+    then straight from socket to socket. ``last``: nothing may follow these bytes on ``src``
+    until ``dst``'s peer asks for more (a response's body), so they may be redirected in the
+    kernel (``redirect_in_kernel``). Raises ``Truncated`` when ``src`` ends short."""
     if n is None:
         await src.send_buffered(dst, len(src.buffer))
         await _pump(src, dst, None)
@@ -233,7 +241,9 @@ async def move(src: Wire, dst: Wire, n: int | None) -> None:
     head = min(n, len(src.buffer))
     await src.send_buffered(dst, head)
     rest = n - head
-    if rest >= PUMP_MIN_BYTES:
+    if last and rest >= REDIRECT_MIN_BYTES and redirecting.enabled:
+        await _redirect(src, dst, rest)
+    elif rest >= PUMP_MIN_BYTES:
         await _pump(src, dst, rest)
     elif rest:
         await _copy(src, dst, rest)
@@ -372,3 +382,128 @@ async def _copy_pump(src: Wire, dst: Wire, n: int | None) -> None:
     finally:
         if len(_buffers) < _SPARE_BUFFERS:
             _buffers.append(view)
+
+
+#: Bodies at least this long are redirected in the kernel when it can (``sockmap``): the
+#: redirect is followed by looking at it (``_FOLLOW_S``), which shorter ones would feel.
+REDIRECT_MIN_BYTES = 4 << 20
+#: How far a redirect may run ahead of what its target has taken: the most of a body the
+#: kernel holds for one reader (past it, the rest spills back to the relay).
+REDIRECT_WINDOW_BYTES = 8 << 20
+#: How often a redirect is looked at: while it moves (sooner when its end is nearer), and at
+#: most while nothing does.
+_FOLLOW_S, _FOLLOW_END_S, _FOLLOW_IDLE_S = 0.002, 0.0005, 0.05
+
+
+class _Redirecting:
+    """Whether this process redirects long bodies in the kernel (off unless turned on), and
+    why it cannot when it tried and could not."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self.unavailable: str | None = None
+        #: Bytes moved by the kernel, and bodies (part) redirected, since the start.
+        self.bytes = 0
+        self.bodies = 0
+        #: Redirects that spilled back to this process (their reader fell behind).
+        self.spills = 0
+
+
+redirecting = _Redirecting()
+
+
+def redirect_in_kernel(on: bool) -> None:
+    """Move bodies of at least ``REDIRECT_MIN_BYTES`` from socket to socket in the kernel
+    (``sockmap``) when it can, instead of through this process (set once at start)."""
+    redirecting.enabled = on
+
+
+async def _redirect(src: Wire, dst: Wire, n: int) -> None:
+    """Move ``n`` bytes: what has arrived through a buffer here, the rest by a kernel redirect
+    (``sockmap``); pumped as usual when the kernel cannot, copied past a spill."""
+    if redirecting.unavailable is not None:
+        await _pump(src, dst, n)
+        return
+    # Read all that has arrived (nothing of ``src`` may stay partly read), passing it on as
+    # far as ``dst`` takes it without waiting; a ``dst`` too slow for that gets the pump.
+    while True:
+        if dst.closed:
+            raise Broken(dst, "closed")
+        if src.buffer:
+            try:
+                sent = dst.sock.send(src.buffer)
+            except BlockingIOError:
+                sent = 0
+            except OSError as err:
+                raise Broken(dst, f"write failed: {err.strerror}") from err
+            del src.buffer[:sent]
+            n -= sent
+        unread = n - len(src.buffer)
+        if not unread:
+            break
+        try:
+            data = src.sock.recv(min(unread, _COPY_BYTES))
+        except BlockingIOError:
+            break
+        except OSError as err:
+            raise Broken(src, f"read failed: {err.strerror}") from err
+        if not data:
+            raise Truncated(src, f"ended {unread} bytes short")
+        src.buffer += data
+        if len(src.buffer) > REDIRECT_WINDOW_BYTES:
+            await move(src, dst, n)
+            return
+    n -= len(src.buffer)
+    await src.send_buffered(dst, len(src.buffer))
+    if not n:
+        return
+    if src.closed or dst.closed:
+        raise Broken(src if src.closed else dst, "closed")
+    try:
+        redirect = sockmap.Redirect(src.sock, dst.sock, n, REDIRECT_WINDOW_BYTES)
+    except sockmap.Unavailable as err:
+        if err.lasting:
+            redirecting.unavailable = str(err)
+            _log.info("relay.not_redirecting", reason=str(err))
+        await _pump(src, dst, n)
+        return
+    try:
+        rest = await _follow(redirect, src, dst)
+        redirecting.bodies += 1
+        redirecting.bytes += n - rest
+        if rest:
+            redirecting.spills += 1
+            await _copy_pump(src, dst, rest)
+        if redirect.overrun():
+            raise Broken(src, "sent past the end of the body")
+    finally:
+        redirect.close()
+
+
+async def _follow(redirect: sockmap.Redirect, src: Wire, dst: Wire) -> int:
+    """Wait until the redirect is done (0) or has spilled (the bytes left to copy, once all
+    that was redirected is out), keeping its limit a window ahead of what the target took."""
+    n = redirect.n
+    delay, last, at = _FOLLOW_S, (-1, -1), time.monotonic()
+    while True:
+        if src.closed or dst.closed:
+            raise Broken(src if src.closed else dst, "closed")
+        handed, spilled = redirect.handed()
+        sent = redirect.sent()
+        if sent >= n:
+            return 0
+        if spilled and sent >= handed:
+            return n - handed
+        if not redirect.target_open():
+            raise Broken(dst, "write failed: the connection was closed")
+        if not spilled and sent >= handed and not redirect.source_open():
+            raise Truncated(src, f"ended {n - handed} bytes short")
+        redirect.allow(sent + REDIRECT_WINDOW_BYTES)
+        now = time.monotonic()
+        if sent > last[1] >= 0:  # at this pace, when the end is out
+            end_s = (n - sent) * (now - at) / (sent - last[1])
+            delay = min(_FOLLOW_S, max(end_s, _FOLLOW_END_S))
+        elif (handed, sent) == last:
+            delay = min(delay * 2, _FOLLOW_IDLE_S)
+        last, at = (handed, sent), now
+        await asyncio.sleep(delay)
