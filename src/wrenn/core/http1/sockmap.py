@@ -13,9 +13,9 @@ kernel, then takes the rest from the relay; a peer sending past the body it anno
 (and refused) by the relay, never passed on. The program drops nothing.
 
 Invariants (each one keeps the byte stream whole):
-- a source goes into the map only with nothing of it partly read: the caller reads it until
-  it would block first (a segment read in part would be redirected whole, its first bytes
-  twice);
+- a source goes into the map only with nothing of it partly read: the caller's last read of
+  it came back short (it emptied the queue; segments arriving after stay whole). A segment
+  read in part would be redirected whole, its first bytes twice;
 - segments that arrived before the source went into the map are handed to the verdict by a
   nudge (``SO_RCVLOWAT``, which calls the socket's data-ready hook);
 - a source leaves the map only while no segment can be on its way to the verdict: once its

@@ -424,33 +424,23 @@ async def _redirect(src: Wire, dst: Wire, n: int) -> None:
     if redirecting.unavailable is not None:
         await _pump(src, dst, n)
         return
-    # Read all that has arrived (nothing of ``src`` may stay partly read), passing it on as
-    # far as ``dst`` takes it without waiting; a ``dst`` too slow for that gets the pump.
-    while True:
-        if dst.closed:
-            raise Broken(dst, "closed")
-        if src.buffer:
-            try:
-                sent = dst.sock.send(src.buffer)
-            except BlockingIOError:
-                sent = 0
-            except OSError as err:
-                raise Broken(dst, f"write failed: {err.strerror}") from err
-            del src.buffer[:sent]
-            n -= sent
-        unread = n - len(src.buffer)
-        if not unread:
-            break
+    # Read what has arrived until a read comes back short: the queue was emptied then, so no
+    # segment of ``src`` is left partly read (what arrives later stays whole, however long
+    # passing this on takes). One read, unless more than a window waits: then the pump.
+    while len(src.buffer) < n:
+        want = min(n - len(src.buffer), REDIRECT_WINDOW_BYTES)
         try:
-            data = src.sock.recv(min(unread, _COPY_BYTES))
+            data = src.sock.recv(want)
         except BlockingIOError:
             break
         except OSError as err:
             raise Broken(src, f"read failed: {err.strerror}") from err
         if not data:
-            raise Truncated(src, f"ended {unread} bytes short")
+            raise Truncated(src, f"ended {n - len(src.buffer)} bytes short")
         src.buffer += data
-        if len(src.buffer) > REDIRECT_WINDOW_BYTES:
+        if len(data) < want:
+            break
+        if len(src.buffer) < n:
             await move(src, dst, n)
             return
     n -= len(src.buffer)
