@@ -23,11 +23,12 @@ What each row measures:
   (E2b-Sandbox-Id routing), as ``wrenn-cp`` serves it. Ten rounds, each measuring every path
   back to back (in the other order every other round). The ratio is direct throughput over
   proxied throughput (1.0: no cost), of the best of each and, steadier on a shared machine,
-  the median of the rounds' own ratios (a slow spell slows both sides of a round's ratio). CPU seconds (user +
-  system) of each process per transfer, the least of the rounds: what each hop costs whatever
-  else competed for the cores meanwhile ("proxy" is the whole control plane process); and the
-  whole machine's busy CPU ("machine"), where kernel work no process is charged for shows:
-  the workqueue that sends a body the relays redirect in the kernel (4 MiB and more). envd
+  the median of the rounds' own ratios (a slow spell slows both sides of a round's ratio).
+  CPU seconds (user + system) of each process per transfer, the least of the rounds: what
+  each hop costs whatever else competed for the cores meanwhile ("proxy" is the whole
+  control plane process); and the whole machine's busy CPU ("machine"), where kernel work no
+  process is charged for shows: the workqueue that sends a body the relays redirect in the
+  kernel (4 MiB and more). envd
   sends a download with sendfile(2), so a client on the same machine copies it out of the
   page cache (cold), where the hops before it hand it over cache-hot: on one machine the
   direct download is the slower for it (the client spends more CPU per byte).

@@ -54,10 +54,14 @@ async def _connections() -> AsyncIterator[tuple[socket.socket, Wire, Wire, socke
         dst.close()
 
 
-async def _send(sock: socket.socket, data: bytes, piece: int = 1 << 20) -> None:
+async def _send(
+    sock: socket.socket, data: bytes, piece: int = 1 << 20, *, pause_s: float = 0.0
+) -> None:
     loop = asyncio.get_running_loop()
     for at in range(0, len(data), piece):
         await loop.sock_sendall(sock, data[at : at + piece])
+        if pause_s:
+            await asyncio.sleep(pause_s)
 
 
 async def _read(
@@ -133,6 +137,31 @@ async def test_a_reader_that_falls_behind_gets_the_rest_from_the_relay(
         moved, _, spills = _redirected()
         assert spills == before[2] + 1
         assert 0 < moved - before[0] < size
+
+
+async def test_after_a_spill_the_kernel_takes_over_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader that stalls once: what spilled meanwhile goes through the relay, then the
+    redirect resumes, and most of the body still moves in the kernel. (The writer sends at
+    a guest's pace, not faster than the relay copies: past a spill the kernel takes over
+    again once the relay has caught up.)"""
+    monkeypatch.setattr(wire, "REDIRECT_WINDOW_BYTES", 1 << 20)
+    size = 64 * 2**20
+    body = os.urandom(size)
+    async with _connections() as (writer, src, dst, reader):
+        before = _redirected()
+        await _send(writer, body[:100_000])
+        moving = asyncio.ensure_future(move(src, dst, size, last=True))
+        await asyncio.sleep(0.02)
+        sending = asyncio.ensure_future(_send(writer, body[100_000:], pause_s=0.004))
+        first = await _read(reader, 2 << 20)
+        await asyncio.sleep(0.3)  # the stall: the window fills, the rest spills
+        rest = await _read(reader, size - len(first))
+        await moving
+        await sending
+        assert first + rest == body
+        moved, _, spills = _redirected()
+        assert spills == before[2] + 1
+        assert moved - before[0] > size // 2
 
 
 async def test_a_peer_sending_past_its_body_is_refused() -> None:

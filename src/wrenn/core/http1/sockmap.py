@@ -2,15 +2,18 @@
 no relay process touches its bytes (``wire.move`` uses it for long bodies when enabled).
 
 How: one verdict program (``BPF_PROG_TYPE_SK_SKB``) is attached to a sockhash of *sources*.
-Every segment a source receives runs it, keyed by the source's socket cookie: while the bytes
-handed on stay within the *limit*, it counts them and redirects the segment to the *target*
-kept under the same cookie in a second sockhash; the kernel sends it out there
-(``skb_send_sock``, from a workqueue, which queues without bound). A segment that would pass
-the limit *spills*: it and every one after it stay with the source, where the relay reads them
-as usual. The relay keeps the limit a window ahead of what the target has taken (``allow``),
-never past the body's end: a reader that falls behind holds at most that window in the
-kernel, then takes the rest from the relay; a peer sending past the body it announced is read
-(and refused) by the relay, never passed on. The program drops nothing.
+Every segment a source receives runs it, keyed by the source's socket cookie: while the body
+offset it reaches stays within the *limit*, it redirects the segment to the *target* kept
+under the same cookie in a second sockhash; the kernel sends it out there (``skb_send_sock``,
+from a workqueue, which queues without bound). The relay keeps the limit a window ahead of
+what the target has taken (never past the body's end). A segment that would pass it
+*spills*: it and every one after it stay with the source (in its BPF queue, which the kernel
+charges to the connection, so its peer slows down), and once the target has taken all that
+was redirected, the relay reads them and passes them on, then names the offset it reached:
+a segment starting exactly there is redirected again. So a reader that falls behind holds at
+most a window in the kernel and the relay copies only what arrived while it caught up; a
+peer sending past the body it announced is read (and refused) by the relay, never passed
+on. The program drops nothing.
 
 Invariants (each one keeps the byte stream whole):
 - a source goes into the map only with nothing of it partly read: the caller's last read of
@@ -22,7 +25,8 @@ Invariants (each one keeps the byte stream whole):
   body is all out (nothing more is asked of its peer), or when the exchange is abandoned (a
   segment arriving while a socket leaves the map can be dropped by the kernel);
 - a spilled source is read with ``recv`` (its bytes wait in the socket's BPF queue, which
-  ``splice`` does not see), and only once everything redirected before the spill is out;
+  ``splice`` does not see), only once everything before the spill is out, and redirecting
+  starts again only at the offset the relay has read and passed on up to;
 - nothing else is written to the target while segments are redirected to it.
 
 Needs CAP_BPF and CAP_NET_ADMIN (root); ``Unavailable`` otherwise, and the caller copies.
@@ -53,7 +57,7 @@ _ATTACH_STREAM_VERDICT = 5
 _HELPER_MAP_LOOKUP, _HELPER_SOCKET_COOKIE, _HELPER_REDIRECT_HASH = 1, 46, 72
 _PSEUDO_MAP_FD = 1
 _SK_PASS = 1
-#: Set in a source's handed count once it spilled.
+#: Set in a source's spill offset while a spill is in force.
 SPILLED = 1 << 63
 
 #: Concurrent redirects per process (entries of each map).
@@ -133,13 +137,16 @@ def _assemble(lines: Sequence[_Line]) -> bytes:
 
 _MOV_REG, _MOV_IMM, _ADD_IMM, _ADD_REG, _OR_REG, _LSH_IMM = 0xBF, 0xB7, 0x07, 0x0F, 0x4F, 0x67
 _LOAD_W, _LOAD_DW, _STORE_DW = 0x61, 0x79, 0x7B
-_CALL, _EXIT, _JEQ_IMM, _JGT_REG = 0x85, 0x95, 0x15, 0x2D
+_CALL, _EXIT, _JEQ_IMM, _JNE_REG, _JGT_REG = 0x85, 0x95, 0x15, 0x5D, 0x2D
 _FP = 10  # the frame pointer
 
 
-def _verdict(limits: int, handed: int, targets: int) -> bytes:
+def _verdict(limits: int, progress: int, targets: int) -> bytes:
     """The verdict, in the eBPF instruction set. r1: the segment (``struct __sk_buff``, its
-    ``len`` at 0); r6-r8 keep their values across helper calls."""
+    ``len`` at 0); r6-r9 keep their values across helper calls. Per source, ``limits`` holds
+    what the relay sets (the limit, the offset to resume at) and ``progress`` what the
+    program keeps (the offset a spill began at with ``SPILLED`` set, else 0; the offset
+    reached), both in bytes of the body."""
 
     def lookup(map_fd: int) -> list[_Line]:
         return [
@@ -157,13 +164,21 @@ def _verdict(limits: int, handed: int, targets: int) -> bytes:
             _op(_STORE_DW, _FP, 0, -8),  # cookie on the stack
             *lookup(limits),
             _op(_LOAD_DW, 7, 0, 0),  # r7 = limit
-            *lookup(handed),
-            _op(_MOV_REG, 8, 0),  # r8 = &handed
-            _op(_LOAD_DW, 1, 8, 0),
+            _op(_LOAD_DW, 9, 0, 8),  # r9 = resume at
+            *lookup(progress),
+            _op(_MOV_REG, 8, 0),  # r8 = &progress
+            _op(_LOAD_DW, 1, 8, 8),  # r1 = where this segment starts
             _op(_LOAD_W, 2, 6, 0),
-            _op(_ADD_REG, 2, 1),  # r2 = handed + len (past any limit once spilled)
-            _jump(_JGT_REG, 2, 7, "spill"),
-            _op(_STORE_DW, 8, 2, 0),  # handed += len (one segment of a socket at a time)
+            _op(_MOV_REG, 3, 1),
+            _op(_ADD_REG, 3, 2),  # r3 = where it ends
+            _op(_STORE_DW, 8, 3, 8),  # every segment counts (one of a socket at a time)
+            _op(_LOAD_DW, 4, 8, 0),
+            _jump(_JEQ_IMM, 4, 0, "redirecting"),
+            _jump(_JNE_REG, 1, 9, "pass"),  # spilled, and the relay has not read up to here
+            _op(_MOV_IMM, 5, 0, 0, 0),
+            _op(_STORE_DW, 8, 5, 0),  # it has: redirect again
+            "redirecting",
+            _jump(_JGT_REG, 3, 7, "spill"),
             _op(_MOV_REG, 1, 6),
             _map(2, targets),
             _op(_MOV_REG, 3, _FP),
@@ -172,11 +187,10 @@ def _verdict(limits: int, handed: int, targets: int) -> bytes:
             _op(_CALL, imm=_HELPER_REDIRECT_HASH),
             _op(_EXIT),
             "spill",
-            _op(_LOAD_DW, 1, 8, 0),
             _op(_MOV_IMM, 2, 0, 0, 1),
             _op(_LSH_IMM, 2, 0, 0, 63),
             _op(_OR_REG, 1, 2),
-            _op(_STORE_DW, 8, 1, 0),  # handed |= SPILLED
+            _op(_STORE_DW, 8, 1, 0),  # spilled where this segment starts
             "pass",
             _op(_MOV_IMM, 0, 0, 0, _SK_PASS),
             _op(_EXIT),
@@ -192,9 +206,9 @@ class _Maps:
         try:
             self.sources = self._create(_MAP_SOCKHASH, 4, b"wrenn_sources")
             self.targets = self._create(_MAP_SOCKHASH, 4, b"wrenn_targets")
-            self.limits = self._create(_MAP_HASH, 8, b"wrenn_limits")
-            self.handed = self._create(_MAP_HASH, 8, b"wrenn_handed")
-            code = ctypes.create_string_buffer(_verdict(self.limits, self.handed, self.targets))
+            self.limits = self._create(_MAP_HASH, 16, b"wrenn_limits")
+            self.progress = self._create(_MAP_HASH, 16, b"wrenn_progress")
+            code = ctypes.create_string_buffer(_verdict(self.limits, self.progress, self.targets))
             licence = ctypes.create_string_buffer(b"GPL")
             program = _bpf(
                 _PROG_LOAD,
@@ -241,13 +255,13 @@ class _Maps:
     def update(self, map_fd: int, key: bytes, value: bytes) -> None:
         self._element(_MAP_UPDATE, map_fd, key, ctypes.create_string_buffer(value, len(value)))
 
-    def lookup_u64(self, map_fd: int, key: bytes) -> int | None:
-        value = ctypes.create_string_buffer(8)
-        try:
+    def lookup_pair(self, map_fd: int, key: bytes) -> tuple[int, int]:
+        """Two u64s (zeros once the entry is gone)."""
+        value = ctypes.create_string_buffer(16)
+        with contextlib.suppress(FileNotFoundError):
             self._element(_MAP_LOOKUP, map_fd, key, value)
-        except FileNotFoundError:
-            return None
-        return int(struct.unpack("Q", value.raw)[0])
+        first, second = struct.unpack("QQ", value.raw)
+        return int(first), int(second)
 
     def delete(self, map_fd: int, key: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):  # a closed socket leaves by itself
@@ -312,8 +326,14 @@ def _state(sock: socket.socket) -> int:
 
 class Redirect:
     """``n`` bytes of ``source`` (nothing of it partly read) sent out of ``target`` by the
-    kernel, at most ``limit`` of them for now (``allow`` raises it). Follow it with
-    ``handed`` and ``sent``; ``close`` always."""
+    kernel, up to ``limit`` for now (``allow`` moves it on). Follow it with ``progress`` and
+    ``sent``; ``close`` always.
+
+    Offsets count bytes of the body from where the redirect began. A spill at offset P leaves
+    P onwards with the source; once ``sent`` reaches P the relay reads and passes on what is
+    there, and ``allow(..., resume_at)`` with the offset it reached lets the program redirect
+    again from a segment starting exactly there (one starting later means more arrived
+    meanwhile: the relay reads that too, and tries again)."""
 
     def __init__(self, source: socket.socket, target: socket.socket, n: int, limit: int) -> None:
         for sock in (source, target):
@@ -324,12 +344,12 @@ class Redirect:
         self._key = source.getsockopt(socket.SOL_SOCKET, _SO_COOKIE, 8)
         self._base = written(target)
         self._end = consumed(source) + n
-        self._limit = min(limit, n)
+        self._limits = (min(limit, n), 0)
         self._entries: list[int] = []
         try:
             for map_fd, value in (
-                (maps.limits, struct.pack("Q", self._limit)),
-                (maps.handed, struct.pack("Q", 0)),
+                (maps.limits, struct.pack("QQ", *self._limits)),
+                (maps.progress, struct.pack("QQ", 0, 0)),
                 (maps.targets, struct.pack("i", target.fileno())),
                 (maps.sources, struct.pack("i", source.fileno())),
             ):
@@ -342,22 +362,23 @@ class Redirect:
         # Segments queued before the source went into the map: hand them to the verdict.
         source.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
-    def handed(self) -> tuple[int, bool]:
-        """Bytes of the body handed to the target, and whether the rest spilled (stays with
-        the source)."""
-        raw = self._maps.lookup_u64(self._maps.handed, self._key) or 0
-        return raw & ~SPILLED, bool(raw & SPILLED)
+    def progress(self) -> tuple[int, int | None]:
+        """The offset the source's segments have reached, and where the spill in force (if
+        any) began."""
+        spill, reached = self._maps.lookup_pair(self._maps.progress, self._key)
+        return reached, (spill & ~SPILLED if spill & SPILLED else None)
 
     def sent(self) -> int:
-        """Bytes of the body in the target's send queue or beyond."""
+        """Bytes of the body in the target's send queue or beyond (the relay's own too)."""
         return written(self.target) - self._base
 
-    def allow(self, limit: int) -> None:
-        """Let up to ``limit`` bytes of the body (never past its end) be handed on."""
-        limit = min(limit, self.n)
-        if limit > self._limit:
-            self._maps.update(self._maps.limits, self._key, struct.pack("Q", limit))
-            self._limit = limit
+    def allow(self, limit: int, resume_at: int) -> None:
+        """Let segments be redirected up to ``limit`` (never past the body's end), and again
+        from ``resume_at`` after a spill."""
+        limits = (max(min(limit, self.n), self._limits[0]), resume_at)
+        if limits != self._limits:
+            self._maps.update(self._maps.limits, self._key, struct.pack("QQ", *limits))
+            self._limits = limits
 
     def overrun(self) -> bool:
         """The source's peer sent past the body."""

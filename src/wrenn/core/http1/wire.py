@@ -405,7 +405,8 @@ class _Redirecting:
         #: Bytes moved by the kernel, and bodies (part) redirected, since the start.
         self.bytes = 0
         self.bodies = 0
-        #: Redirects that spilled back to this process (their reader fell behind).
+        #: Redirects that spilled back to this process at least once (their reader fell
+        #: behind); the bytes that spilled are not in ``bytes``.
         self.spills = 0
 
 
@@ -420,7 +421,7 @@ def redirect_in_kernel(on: bool) -> None:
 
 async def _redirect(src: Wire, dst: Wire, n: int) -> None:
     """Move ``n`` bytes: what has arrived through a buffer here, the rest by a kernel redirect
-    (``sockmap``); pumped as usual when the kernel cannot, copied past a spill."""
+    (``sockmap``); pumped as usual when the kernel cannot, what spills copied here."""
     if redirecting.unavailable is not None:
         await _pump(src, dst, n)
         return
@@ -458,12 +459,11 @@ async def _redirect(src: Wire, dst: Wire, n: int) -> None:
         await _pump(src, dst, n)
         return
     try:
-        rest = await _follow(redirect, src, dst)
+        copied = await _follow(redirect, src, dst)
         redirecting.bodies += 1
-        redirecting.bytes += n - rest
-        if rest:
+        redirecting.bytes += n - copied
+        if copied:
             redirecting.spills += 1
-            await _copy_pump(src, dst, rest)
         if redirect.overrun():
             raise Broken(src, "sent past the end of the body")
     finally:
@@ -471,29 +471,62 @@ async def _redirect(src: Wire, dst: Wire, n: int) -> None:
 
 
 async def _follow(redirect: sockmap.Redirect, src: Wire, dst: Wire) -> int:
-    """Wait until the redirect is done (0) or has spilled (the bytes left to copy, once all
-    that was redirected is out), keeping its limit a window ahead of what the target took."""
+    """Wait until the whole body is out; how much of it went through this process (after a
+    spill). Keeps the redirect's limit a window ahead of what the target took, and after a
+    spill passes on what stayed with the source and lets the redirect resume."""
     n = redirect.n
+    read_to = copied = 0  # how far spilled bytes were read here, and how many
     delay, last, at = _FOLLOW_S, (-1, -1), time.monotonic()
     while True:
         if src.closed or dst.closed:
             raise Broken(src if src.closed else dst, "closed")
-        handed, spilled = redirect.handed()
+        reached, spilled_at = redirect.progress()
         sent = redirect.sent()
         if sent >= n:
-            return 0
-        if spilled and sent >= handed:
-            return n - handed
+            return copied
         if not redirect.target_open():
             raise Broken(dst, "write failed: the connection was closed")
-        if not spilled and sent >= handed and not redirect.source_open():
-            raise Truncated(src, f"ended {n - handed} bytes short")
-        redirect.allow(sent + REDIRECT_WINDOW_BYTES)
+        if spilled_at is not None:
+            read_to = max(read_to, spilled_at)
+            if sent >= read_to and read_to < n:  # all before it is out: pass the rest on
+                got = await _take(src, dst, n - read_to)
+                read_to += got
+                copied += got
+                sent = redirect.sent()
+        elif sent >= reached and not redirect.source_open():
+            raise Truncated(src, f"ended {n - reached} bytes short")
+        redirect.allow(sent + REDIRECT_WINDOW_BYTES, read_to)
         now = time.monotonic()
         if sent > last[1] >= 0:  # at this pace, when the end is out
             end_s = (n - sent) * (now - at) / (sent - last[1])
             delay = min(_FOLLOW_S, max(end_s, _FOLLOW_END_S))
-        elif (handed, sent) == last:
+        elif (reached, sent) == last:
             delay = min(delay * 2, _FOLLOW_IDLE_S)
-        last, at = (handed, sent), now
+        last, at = (reached, sent), now
         await asyncio.sleep(delay)
+
+
+async def _take(src: Wire, dst: Wire, most: int) -> int:
+    """Pass on what waits at ``src`` (at most ``most`` bytes), without waiting for more; how
+    much. Raises ``Truncated`` when ``src`` has ended."""
+    try:
+        view = _buffers.pop()
+    except IndexError:
+        view = memoryview(bytearray(_COPY_BYTES))
+    moved = 0
+    try:
+        while moved < most:
+            try:
+                got = src.sock.recv_into(view[: min(most - moved, _COPY_BYTES)])
+            except BlockingIOError:
+                break
+            except OSError as err:
+                raise Broken(src, f"read failed: {err.strerror}") from err
+            if not got:
+                raise Truncated(src, f"ended {most - moved} bytes short")
+            await dst.send(view[:got])
+            moved += got
+    finally:
+        if len(_buffers) < _SPARE_BUFFERS:
+            _buffers.append(view)
+    return moved
