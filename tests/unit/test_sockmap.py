@@ -83,6 +83,18 @@ def _redirected() -> tuple[int, int, int]:
     return wire.redirecting.bytes, wire.redirecting.bodies, wire.redirecting.spills
 
 
+async def _under_way(
+    writer: socket.socket, src: Wire, dst: Wire, body: bytes, *, pause_s: float = 0.0
+) -> tuple[asyncio.Future[None], asyncio.Future[None]]:
+    """A response body's relay started with 100 kB of it there already (read by the relay),
+    the rest sent once the redirect is in place: the relay and the sending."""
+    await _send(writer, body[:100_000])
+    moving = asyncio.ensure_future(move(src, dst, len(body), last=True))
+    await asyncio.sleep(0.02)
+    sending = asyncio.ensure_future(_send(writer, body[100_000:], pause_s=pause_s))
+    return moving, sending
+
+
 @pytest.mark.parametrize("size", [5 << 20, 8 * 2**20 + 1, 64 * 2**20])
 @pytest.mark.parametrize("read_first", [0, 1000, 300_000])
 async def test_a_response_body_is_redirected_exactly(size: int, read_first: int) -> None:
@@ -125,10 +137,7 @@ async def test_a_reader_that_falls_behind_gets_the_rest_from_the_relay(
     body = os.urandom(size)
     async with _connections() as (writer, src, dst, reader):
         before = _redirected()
-        await _send(writer, body[:100_000])
-        moving = asyncio.ensure_future(move(src, dst, size, last=True))
-        await asyncio.sleep(0.02)
-        sending = asyncio.ensure_future(_send(writer, body[100_000:]))
+        moving, sending = await _under_way(writer, src, dst, body)
         receiving = asyncio.ensure_future(_read(reader, size, pause_s=0.01, piece=256 * 1024))
         await moving
         received = await receiving
@@ -149,10 +158,7 @@ async def test_after_a_spill_the_kernel_takes_over_again(monkeypatch: pytest.Mon
     body = os.urandom(size)
     async with _connections() as (writer, src, dst, reader):
         before = _redirected()
-        await _send(writer, body[:100_000])
-        moving = asyncio.ensure_future(move(src, dst, size, last=True))
-        await asyncio.sleep(0.02)
-        sending = asyncio.ensure_future(_send(writer, body[100_000:], pause_s=0.004))
+        moving, sending = await _under_way(writer, src, dst, body, pause_s=0.004)
         first = await _read(reader, 2 << 20)
         await asyncio.sleep(0.3)  # the stall: the window fills, the rest spills
         rest = await _read(reader, size - len(first))
