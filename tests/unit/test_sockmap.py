@@ -264,19 +264,6 @@ async def test_a_request_body_is_never_redirected() -> None:
         assert bytes(src.buffer) == b"NEXT"
 
 
-def test_a_moving_redirect_is_looked_at_once_half_its_window_may_have_gone() -> None:
-    window, look = wire.REDIRECT_WINDOW_BYTES, wire._look_again_s
-    # A reader keeping up at 500 MB/s: the whole window still ahead.
-    assert look(window, 100 * 10**6, 500e6) == pytest.approx(window / 2 / 500e6)
-    # Half of it taken up already: sooner.
-    assert look(window // 2, 100 * 10**6, 500e6) == pytest.approx(window / 4 / 500e6)
-    # The end nearer than that: when the end is out.
-    assert look(window, 10**6, 500e6) == pytest.approx(10**6 / 500e6)
-    # Never sooner than the soonest (a very fast reader), nor later than the latest (a slow one).
-    assert look(window, 100 * 10**6, 100e9) == wire._FOLLOW_END_S
-    assert look(window, 100 * 10**6, 10e6) == wire._FOLLOW_IDLE_S
-
-
 def test_only_tcp_sockets_are_redirected() -> None:
     a, b = socket.socketpair()
     with a, b, pytest.raises(sockmap.Unavailable) as refused:

@@ -388,11 +388,10 @@ async def _copy_pump(src: Wire, dst: Wire, n: int | None) -> None:
 #: redirect is followed by looking at it (``_FOLLOW_S``), which shorter ones would feel.
 REDIRECT_MIN_BYTES = 4 << 20
 #: How far a redirect may run ahead of what its target has taken: the most of a body the
-#: kernel holds for one reader (past it, the rest spills back to the relay). The relay looks
-#: again when half of it may have gone at the pace seen, so a larger window means fewer looks.
-REDIRECT_WINDOW_BYTES = 16 << 20
-#: When a redirect is looked at: first, at the soonest (its end near, or a fast reader), and
-#: at the latest (also while nothing moves).
+#: kernel holds for one reader (past it, the rest spills back to the relay).
+REDIRECT_WINDOW_BYTES = 8 << 20
+#: How often a redirect is looked at: while it moves (sooner when its end is nearer), and at
+#: most while nothing does.
 _FOLLOW_S, _FOLLOW_END_S, _FOLLOW_IDLE_S = 0.002, 0.0005, 0.05
 
 
@@ -498,21 +497,13 @@ async def _follow(redirect: sockmap.Redirect, src: Wire, dst: Wire) -> int:
             raise Truncated(src, f"ended {n - reached} bytes short")
         redirect.allow(sent + REDIRECT_WINDOW_BYTES, read_to)
         now = time.monotonic()
-        if last[0] >= 0 and (reached > last[0] or sent > last[1]):
-            pace = max(reached - last[0], sent - last[1]) / max(now - at, 1e-6)
-            delay = _look_again_s(sent + REDIRECT_WINDOW_BYTES - reached, n - sent, pace)
+        if sent > last[1] >= 0:  # at this pace, when the end is out
+            end_s = (n - sent) * (now - at) / (sent - last[1])
+            delay = min(_FOLLOW_S, max(end_s, _FOLLOW_END_S))
         elif (reached, sent) == last:
             delay = min(delay * 2, _FOLLOW_IDLE_S)
         last, at = (reached, sent), now
         await asyncio.sleep(delay)
-
-
-def _look_again_s(ahead: int, left: int, pace: float) -> float:
-    """When to look at a moving redirect again: once half of what the kernel may still pass
-    on (``ahead`` bytes) has gone at ``pace`` (bytes/s), or the ``left`` bytes to its end if
-    that is sooner; no sooner than ``_FOLLOW_END_S``, no later than ``_FOLLOW_IDLE_S``. Each
-    look wakes this process on a machine whose cores the transfer keeps busy."""
-    return min(max(min(ahead / 2, left) / pace, _FOLLOW_END_S), _FOLLOW_IDLE_S)
 
 
 async def _take(src: Wire, dst: Wire, most: int) -> int:
