@@ -5,14 +5,13 @@ closed under a waiting relay, and the keep-alive pool."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.unit.wires import wire_chain
 from wrenn.core.http1.body import Malformed, relay
 from wrenn.core.http1.head import (
     MAX_HEAD_BYTES,
@@ -90,23 +89,6 @@ def test_response_framing() -> None:
     assert (closing.framing, closing.keep_alive) == (Framing.UNTIL_CLOSE, False)
 
 
-@contextlib.asynccontextmanager
-async def _wires() -> AsyncIterator[tuple[socket.socket, Wire, Wire, socket.socket]]:
-    """writer socket → src wire → (relay) → dst wire → reader socket."""
-    a, b = socket.socketpair()
-    c, d = socket.socketpair()
-    for s in (a, d):
-        s.setblocking(False)
-    src, dst = Wire(b), Wire(c)
-    try:
-        yield a, src, dst, d
-    finally:
-        for s in (a, d):
-            s.close()
-        src.close()
-        dst.close()
-
-
 async def _send_in_pieces(sock: socket.socket, data: bytes, seed: int) -> None:
     """Send ``data`` cut at random places, with pauses, so reads see every split."""
     loop = asyncio.get_running_loop()
@@ -141,7 +123,7 @@ def _chunked(pieces: list[bytes], trailer: bytes = b"") -> bytes:
 async def test_chunked_bodies_pass_verbatim_however_they_arrive(seed: int, spliced: bool) -> None:
     pieces = [os.urandom(n) for n in (1, 17, 65_535, 65_536, 200_000, 1 << 20, 3)]
     body = _chunked(pieces, trailer=b"x-checksum: abc\r\n")
-    async with _wires() as (writer, src, dst, reader):
+    async with wire_chain(socket.socketpair) as (writer, src, dst, reader):
         dst.local_peer = not spliced
         sending = asyncio.ensure_future(_send_in_pieces(writer, body + b"NEXT", seed))
         receiving = asyncio.ensure_future(_receive(reader, len(body)))
@@ -157,7 +139,7 @@ async def test_chunked_bodies_pass_verbatim_however_they_arrive(seed: int, splic
 @pytest.mark.parametrize("size", [0, 1, 1000, 64 * 1024, 3 * 2**20 + 1])
 async def test_length_bodies_are_moved_exactly(size: int, spliced: bool) -> None:
     body = os.urandom(size)
-    async with _wires() as (writer, src, dst, reader):
+    async with wire_chain(socket.socketpair) as (writer, src, dst, reader):
         # Spliced for a peer elsewhere, copied through a buffer for one on this host.
         dst.local_peer = not spliced
         sending = asyncio.ensure_future(_send_in_pieces(writer, body + b"NEXT", size))
@@ -169,7 +151,7 @@ async def test_length_bodies_are_moved_exactly(size: int, spliced: bool) -> None
 
 async def test_a_body_until_close_ends_with_the_connection() -> None:
     body = os.urandom(2 * 2**20)
-    async with _wires() as (writer, src, dst, reader):
+    async with wire_chain(socket.socketpair) as (writer, src, dst, reader):
 
         async def send_and_close() -> None:
             await _send_in_pieces(writer, body, 7)
@@ -187,7 +169,7 @@ async def test_a_body_until_close_ends_with_the_connection() -> None:
     [b"zz\r\nab\r\n0\r\n\r\n", b"2\r\nabcd\r\n0\r\n\r\n", b" 2\r\nab\r\n0\r\n\r\n", b"0x2\r\n"],
 )
 async def test_broken_chunk_framing_is_refused(body: bytes) -> None:
-    async with _wires() as (writer, src, dst, _):
+    async with wire_chain(socket.socketpair) as (writer, src, dst, _):
         await asyncio.get_running_loop().sock_sendall(writer, body)
         with pytest.raises(Malformed):
             await relay(src, dst, Framing.CHUNKED, 0)
@@ -198,7 +180,7 @@ async def test_broken_chunk_framing_is_refused(body: bytes) -> None:
     [(Framing.LENGTH, b"short"), (Framing.CHUNKED, b"10\r\nshort")],
 )
 async def test_a_body_cut_short_is_truncated(framing: Framing, body: bytes) -> None:
-    async with _wires() as (writer, src, dst, _):
+    async with wire_chain(socket.socketpair) as (writer, src, dst, _):
         await asyncio.get_running_loop().sock_sendall(writer, body)
         writer.shutdown(socket.SHUT_WR)
         with pytest.raises(Truncated) as cut:
@@ -207,7 +189,7 @@ async def test_a_body_cut_short_is_truncated(framing: Framing, body: bytes) -> N
 
 
 async def test_closing_a_wire_ends_a_relay_waiting_on_it() -> None:
-    async with _wires() as (_, src, dst, _reader):
+    async with wire_chain(socket.socketpair) as (_, src, dst, _reader):
         moving = asyncio.ensure_future(relay(src, dst, Framing.LENGTH, 1 << 20))
         await asyncio.sleep(0.01)
         assert not moving.done()

@@ -7,17 +7,16 @@ ends the redirect, and both connections go on as plain sockets afterwards."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import socket
 import struct
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.unit.wires import wire_chain
 from wrenn.core.http1 import sockmap, wire
 from wrenn.core.http1.wire import Broken, Truncated, Wire, move
 
@@ -29,29 +28,12 @@ def _redirecting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wire.redirecting, "enabled", True)
 
 
-def _pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
-    outer = socket.create_connection(listener.getsockname())
-    inner, _ = listener.accept()
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A TCP connection over loopback (a sockmap takes TCP sockets only): (client, server)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        outer = socket.create_connection(listener.getsockname())
+        inner, _ = listener.accept()
     return outer, inner
-
-
-@contextlib.asynccontextmanager
-async def _connections() -> AsyncIterator[tuple[socket.socket, Wire, Wire, socket.socket]]:
-    """writer → src wire → (relay) → dst wire → reader, each hop a TCP connection."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    writer, upstream = _pair(listener)
-    client, downstream = _pair(listener)
-    listener.close()
-    for sock in (writer, client):
-        sock.setblocking(False)
-    src, dst = Wire(upstream), Wire(downstream)
-    try:
-        yield writer, src, dst, client
-    finally:
-        for sock in (writer, client):
-            sock.close()
-        src.close()
-        dst.close()
 
 
 async def _send(
@@ -103,7 +85,7 @@ async def test_a_response_body_is_redirected_exactly(size: int, read_first: int)
     exchange as plain sockets."""
     body = os.urandom(size)
     early = read_first + 100_000  # there before the redirect starts: read by the relay
-    async with _connections() as (writer, src, dst, reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, reader):
         before = _redirected()
         await _send(writer, body[:early])
         while len(src.buffer) < read_first:
@@ -135,7 +117,7 @@ async def test_a_reader_that_falls_behind_gets_the_rest_from_the_relay(
     monkeypatch.setattr(wire, "REDIRECT_WINDOW_BYTES", 1 << 20)
     size = 16 * 2**20
     body = os.urandom(size)
-    async with _connections() as (writer, src, dst, reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, reader):
         before = _redirected()
         moving, sending = await _under_way(writer, src, dst, body)
         receiving = asyncio.ensure_future(_read(reader, size, pause_s=0.01, piece=256 * 1024))
@@ -156,7 +138,7 @@ async def test_after_a_spill_the_kernel_takes_over_again(monkeypatch: pytest.Mon
     monkeypatch.setattr(wire, "REDIRECT_WINDOW_BYTES", 1 << 20)
     size = 64 * 2**20
     body = os.urandom(size)
-    async with _connections() as (writer, src, dst, reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, reader):
         before = _redirected()
         moving, sending = await _under_way(writer, src, dst, body, pause_s=0.004)
         first = await _read(reader, 2 << 20)
@@ -174,7 +156,7 @@ async def test_a_peer_sending_past_its_body_is_refused() -> None:
     """Bytes past the body never reach the reader: the relay refuses the connection."""
     size = 6 * 2**20
     body = os.urandom(size)
-    async with _connections() as (writer, src, dst, reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, reader):
         receiving = asyncio.ensure_future(_read(reader, size + 100))
         sending = asyncio.ensure_future(_send(writer, body + b"SMUGGLED" * 10))
         with pytest.raises(Broken) as refused:
@@ -188,7 +170,7 @@ async def test_a_peer_sending_past_its_body_is_refused() -> None:
 async def test_a_body_cut_short_is_truncated() -> None:
     size = 8 * 2**20
     body = os.urandom(size // 2)
-    async with _connections() as (writer, src, dst, reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, reader):
 
         async def send_and_end() -> None:
             await _send(writer, body)
@@ -207,7 +189,7 @@ async def test_a_body_cut_short_is_truncated() -> None:
 async def test_a_reset_source_ends_the_redirect() -> None:
     """The upstream resets mid-body (as a pause's abort does to a guest's connections)."""
     size = 8 * 2**20
-    async with _connections() as (writer, src, dst, reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, reader):
         moving = asyncio.ensure_future(move(src, dst, size, last=True))
         await _send(writer, os.urandom(2 * 2**20))
         receiving = asyncio.ensure_future(_read(reader, 2 * 2**20))
@@ -221,7 +203,7 @@ async def test_a_reset_source_ends_the_redirect() -> None:
 
 async def test_a_reader_that_leaves_ends_the_redirect() -> None:
     size = 64 * 2**20
-    async with _connections() as (writer, src, dst, reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, reader):
         moving = asyncio.ensure_future(move(src, dst, size, last=True))
         sending = asyncio.ensure_future(_send(writer, os.urandom(size)))
         await _read(reader, 2 * 2**20)
@@ -235,7 +217,7 @@ async def test_a_reader_that_leaves_ends_the_redirect() -> None:
 
 
 async def test_closing_a_wire_ends_a_redirect() -> None:
-    async with _connections() as (writer, src, dst, _reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, _reader):
         moving = asyncio.ensure_future(move(src, dst, 8 * 2**20, last=True))
         await _send(writer, os.urandom(2 * 2**20))
         await asyncio.sleep(0.05)
@@ -251,7 +233,7 @@ async def test_a_request_body_is_never_redirected() -> None:
     bytes go through the process."""
     size = 6 * 2**20
     body = os.urandom(size)
-    async with _connections() as (writer, src, dst, reader):
+    async with wire_chain(_tcp_pair) as (writer, src, dst, reader):
         before = _redirected()
         sending = asyncio.ensure_future(_send(writer, body + b"NEXT"))
         receiving = asyncio.ensure_future(_read(reader, size))
