@@ -143,21 +143,38 @@ class Wire:
             if not self.closed:
                 self._loop.remove_writer(self.fd)
 
+    def read_now(self, max_bytes: int) -> bytes | None:
+        """What has arrived, at most ``max_bytes``, without waiting: ``None`` when nothing
+        has, ``b""`` at the end. Raises ``Broken`` when the read fails."""
+        try:
+            return self.sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            raise Broken(self, f"read failed: {err.strerror}") from err
+
+    def read_into_now(self, view: memoryview) -> int | None:
+        """``read_now`` into ``view``: how much, ``None`` when nothing has arrived, 0 at the
+        end."""
+        try:
+            return self.sock.recv_into(view)
+        except BlockingIOError:
+            return None
+        except OSError as err:
+            raise Broken(self, f"read failed: {err.strerror}") from err
+
     async def fill(self, max_bytes: int = READ_BYTES) -> int:
         """Read once more into ``buffer`` (waiting for data); how much came, 0 at the end."""
         start = len(self.buffer)
         while True:
             if self.closed:
                 raise Broken(self, "closed")
-            try:
-                data = self.sock.recv(max_bytes)
-            except BlockingIOError:
+            data = self.read_now(max_bytes)
+            if data is None:
                 if len(self.buffer) > start:
                     return len(self.buffer) - start  # ``feed`` brought some
                 await self.readable()
                 continue
-            except OSError as err:
-                raise Broken(self, f"read failed: {err.strerror}") from err
             self.buffer += data
             return len(self.buffer) - start if data else 0
 
@@ -365,13 +382,10 @@ async def _copy_pump(src: Wire, dst: Wire, n: int | None) -> None:
             if src.closed or dst.closed:
                 raise Broken(src if src.closed else dst, "closed")
             want = _COPY_BYTES if remaining < 0 else min(remaining, _COPY_BYTES)
-            try:
-                got = src.sock.recv_into(view[:want])
-            except BlockingIOError:
+            got = src.read_into_now(view[:want])
+            if got is None:
                 await src.readable()
                 continue
-            except OSError as err:
-                raise Broken(src, f"read failed: {err.strerror}") from err
             if not got:
                 if remaining > 0:
                     raise Truncated(src, f"ended {remaining} bytes short")
@@ -430,12 +444,9 @@ async def _redirect(src: Wire, dst: Wire, n: int) -> None:
     # passing this on takes). One read, unless more than a window waits: then the pump.
     while len(src.buffer) < n:
         want = min(n - len(src.buffer), REDIRECT_WINDOW_BYTES)
-        try:
-            data = src.sock.recv(want)
-        except BlockingIOError:
+        data = src.read_now(want)
+        if data is None:
             break
-        except OSError as err:
-            raise Broken(src, f"read failed: {err.strerror}") from err
         if not data:
             raise Truncated(src, f"ended {n - len(src.buffer)} bytes short")
         src.buffer += data
@@ -516,12 +527,9 @@ async def _take(src: Wire, dst: Wire, most: int) -> int:
     moved = 0
     try:
         while moved < most:
-            try:
-                got = src.sock.recv_into(view[: min(most - moved, _COPY_BYTES)])
-            except BlockingIOError:
+            got = src.read_into_now(view[: min(most - moved, _COPY_BYTES)])
+            if got is None:
                 break
-            except OSError as err:
-                raise Broken(src, f"read failed: {err.strerror}") from err
             if not got:
                 raise Truncated(src, f"ended {most - moved} bytes short")
             await dst.send(view[:got])
