@@ -300,24 +300,25 @@ def _queued(sock: socket.socket, request: int) -> int:
     return value[0]
 
 
-def _counted(sock: socket.socket, at: int, queue: int, sign: int) -> int:
-    """A byte count of ``tcp_info`` plus (or minus) a queue's length, read consistently: the
-    count did not move while the queue was read."""
+def _counted(sock: socket.socket, at: int, queue: int, sign: int) -> tuple[int, bytes]:
+    """A byte count of ``tcp_info`` plus (or minus) a queue's length, read consistently (the
+    count did not move while the queue was read), and the ``tcp_info`` it came from."""
     while True:
         first = struct.unpack_from("Q", _info(sock), at)[0]
         queued = _queued(sock, queue)
-        if struct.unpack_from("Q", _info(sock), at)[0] == first:
-            return int(first + sign * queued)
+        info = _info(sock)
+        if struct.unpack_from("Q", info, at)[0] == first:
+            return int(first + sign * queued), info
 
 
 def written(sock: socket.socket) -> int:
     """Bytes ever handed to ``sock`` for sending (acknowledged, plus still in its queue)."""
-    return _counted(sock, _ACKED_AT, _SIOCOUTQ, 1)
+    return _counted(sock, _ACKED_AT, _SIOCOUTQ, 1)[0]
 
 
 def consumed(sock: socket.socket) -> int:
     """Bytes ever received by ``sock`` and taken out of its queue."""
-    return _counted(sock, _RECEIVED_AT, _SIOCINQ, -1)
+    return _counted(sock, _RECEIVED_AT, _SIOCINQ, -1)[0]
 
 
 def _state(sock: socket.socket) -> int:
@@ -368,9 +369,12 @@ class Redirect:
         spill, reached = self._maps.lookup_pair(self._maps.progress, self._key)
         return reached, (spill & ~SPILLED if spill & SPILLED else None)
 
-    def sent(self) -> int:
-        """Bytes of the body in the target's send queue or beyond (the relay's own too)."""
-        return written(self.target) - self._base
+    def sent(self) -> tuple[int, bool]:
+        """Bytes of the body in the target's send queue or beyond (the relay's own too), and
+        whether the target can still send (its peer may have closed its own side only): one
+        reading of the target's counts."""
+        count, info = _counted(self.target, _ACKED_AT, _SIOCOUTQ, 1)
+        return count - self._base, info[_STATE_AT] in (_ESTABLISHED, _CLOSE_WAIT)
 
     def allow(self, limit: int, resume_at: int) -> None:
         """Let segments be redirected up to ``limit`` (never past the body's end), and again
@@ -388,10 +392,6 @@ class Redirect:
     def source_open(self) -> bool:
         """The source's peer may still send (it has not closed its side)."""
         return _state(self.source) == _ESTABLISHED
-
-    def target_open(self) -> bool:
-        """The target can still send (its peer may have closed its own side only)."""
-        return _state(self.target) in (_ESTABLISHED, _CLOSE_WAIT)
 
     def close(self) -> None:
         """Take both sockets out of the maps, the source first."""

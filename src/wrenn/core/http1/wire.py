@@ -492,10 +492,10 @@ async def _follow(redirect: sockmap.Redirect, src: Wire, dst: Wire) -> int:
         if src.closed or dst.closed:
             raise Broken(src if src.closed else dst, "closed")
         reached, spilled_at = redirect.progress()
-        sent = redirect.sent()
+        sent, target_open = redirect.sent()
         if sent >= n:
             return copied
-        if not redirect.target_open():
+        if not target_open:
             raise Broken(dst, "write failed: the connection was closed")
         if spilled_at is not None:
             read_to = max(read_to, spilled_at)
@@ -503,7 +503,7 @@ async def _follow(redirect: sockmap.Redirect, src: Wire, dst: Wire) -> int:
                 got = await _take(src, dst, n - read_to)
                 read_to += got
                 copied += got
-                sent = redirect.sent()
+                sent = redirect.sent()[0]
         elif sent >= reached and not redirect.source_open():
             raise Truncated(src, f"ended {n - reached} bytes short")
         redirect.allow(sent + REDIRECT_WINDOW_BYTES, read_to)
