@@ -57,7 +57,7 @@ class ControlPlaneSettings(BaseSettings):
     #: network namespace (``guestdial``: one relay instead of two); else, and when false,
     #: every request goes through the agent's forwarding path.
     proxy_dial_guests: bool = True
-    #: Move long response bodies (1 MiB and more) from the upstream socket to the client's in
+    #: Move long response bodies (4 MiB and more) from the upstream socket to the client's in
     #: the kernel (a BPF sockmap redirect, ``core/http1/sockmap``: needs root) instead of
     #: through this process; the proxy copies where the kernel cannot.
     proxy_redirect_in_kernel: bool = True
