@@ -1,6 +1,6 @@
 """core.http1 over real socket pairs: heads and their framing, bodies moved in every framing
-however their bytes are split on the way (spliced and copied), broken framing refused, a wire
-closed under a waiting relay, and the keep-alive pool."""
+however their bytes are split on the way (spliced, copied, and in batches), broken framing
+refused, a wire closed under a waiting relay, and the keep-alive pool."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import socket
 import pytest
 
 from tests.unit.wires import wire_chain
+from wrenn.core.http1 import wire
 from wrenn.core.http1.body import Malformed, relay
 from wrenn.core.http1.head import (
     MAX_HEAD_BYTES,
@@ -161,6 +162,52 @@ async def test_a_body_until_close_ends_with_the_connection() -> None:
         receiving = asyncio.ensure_future(_receive(reader, len(body)))
         await relay(src, dst, Framing.UNTIL_CLOSE, 0)
         assert await receiving == body
+        await sending
+
+
+@pytest.mark.parametrize("reader_here", [True, False], ids=["reader-here", "reader-elsewhere"])
+@pytest.mark.parametrize("seed", range(2))
+async def test_a_long_response_from_a_peer_elsewhere_moves_in_batches(
+    seed: int, reader_here: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    size = wire.REDIRECT_MIN_BYTES + 3 * 2**20 + 1
+    body = os.urandom(size)
+    waits: list[float] = []
+    sleep = asyncio.sleep
+
+    async def noted(delay: float) -> None:
+        waits.append(delay)
+        await sleep(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", noted)
+    async with wire_chain(socket.socketpair) as (writer, src, dst, reader):
+        src.local_peer, dst.local_peer = False, reader_here
+        sending = asyncio.ensure_future(_send_in_pieces(writer, body + b"NEXT", seed))
+        receiving = asyncio.ensure_future(_receive(reader, size))
+        await relay(src, dst, Framing.LENGTH, size, last=True)
+        assert await receiving == body
+        await sending
+        while len(src.buffer) < 4 and await src.fill():
+            pass
+        assert bytes(src.buffer) == b"NEXT"  # never read past the body
+    assert wire.BATCH_S in waits  # it waited for a batch after emptying the queue
+
+
+async def test_a_long_response_cut_short_in_batches_is_truncated() -> None:
+    async with wire_chain(socket.socketpair) as (writer, src, dst, reader):
+        src.local_peer = False
+        sent = os.urandom(2**20)
+
+        async def send_and_close() -> None:
+            await asyncio.get_running_loop().sock_sendall(writer, sent)
+            writer.shutdown(socket.SHUT_WR)
+
+        sending = asyncio.ensure_future(send_and_close())
+        receiving = asyncio.ensure_future(_receive(reader, len(sent)))
+        with pytest.raises(Truncated) as cut:
+            await relay(src, dst, Framing.LENGTH, wire.REDIRECT_MIN_BYTES, last=True)
+        assert cut.value.wire is src
+        assert await receiving == sent  # what arrived was passed on
         await sending
 
 

@@ -54,7 +54,9 @@ class AgentSettings(BaseSettings):
     #: Base URL the control plane reaches this agent at; empty: ``http://{host}:{port}``.
     advertise_url: str = ""
     heartbeat_interval_s: float = 10.0
-    #: Move long response bodies (4 MiB and more) on the forwarding path from the guest's
-    #: socket to the client's in the kernel (a BPF sockmap redirect, ``core/http1/sockmap``)
-    #: instead of through this process; copied where the kernel cannot.
+    #: Move long response bodies (4 MiB and more) on the forwarding path from a socket whose
+    #: peer is on this machine to the client's in the kernel (a BPF sockmap redirect,
+    #: ``core/http1/sockmap``) instead of through this process; copied where the kernel
+    #: cannot. A guest is not on this machine: its bodies are spliced in batches
+    #: (``core/http1/wire.BATCH_S``).
     redirect_in_kernel: bool = True

@@ -57,9 +57,11 @@ class ControlPlaneSettings(BaseSettings):
     #: network namespace (``guestdial``: one relay instead of two); else, and when false,
     #: every request goes through the agent's forwarding path.
     proxy_dial_guests: bool = True
-    #: Move long response bodies (4 MiB and more) from the upstream socket to the client's in
-    #: the kernel (a BPF sockmap redirect, ``core/http1/sockmap``: needs root) instead of
-    #: through this process; the proxy copies where the kernel cannot.
+    #: Move long response bodies (4 MiB and more) from an upstream on this machine (an agent
+    #: beside the control plane) to the client's socket in the kernel (a BPF sockmap
+    #: redirect, ``core/http1/sockmap``: needs root) instead of through this process; the
+    #: proxy copies where the kernel cannot. From a peer elsewhere (a guest, a remote agent)
+    #: they are spliced in batches (``core/http1/wire.BATCH_S``).
     proxy_redirect_in_kernel: bool = True
     #: How long the proxy trusts what it looked up about a sandbox (changes made by this
     #: process are seen at once; other replicas' after at most this).

@@ -7,8 +7,8 @@ host agent's forwarding path: heads are parsed, bodies are moved from socket to 
     body      one body moved as framed: length, chunks, until close
     head      heads parsed (httptools) and written
     pool      upstream connections kept alive
-    wire      one socket driven by the loop; bodies moved between two (splice, one buffer,
-              or a kernel redirect: ``redirect_in_kernel``)
+    wire      one socket driven by the loop; bodies moved between two (splice, in batches
+              from a peer elsewhere, one buffer, or a kernel redirect: ``redirect_in_kernel``)
     sockmap   the kernel redirect: a BPF verdict program moving a body socket to socket
 
 Imports nothing of the project but ``core.errors`` and ``log``.

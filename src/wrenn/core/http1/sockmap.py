@@ -1,5 +1,6 @@
 """Moving a body from one TCP socket to another inside the kernel: a BPF sockmap redirect, so
-no relay process touches its bytes (``wire.move`` uses it for long bodies when enabled).
+no relay process touches its bytes (``wire.move`` uses it, when enabled, for long response
+bodies from a peer on this host; from one elsewhere it splices them in batches).
 
 How: one verdict program (``BPF_PROG_TYPE_SK_SKB``) is attached to a sockhash of *sources*.
 Every segment a source receives runs it, keyed by the source's socket cookie: while the body

@@ -7,7 +7,10 @@ through a pipe: they never enter this process, the relay spends least. Bytes for
 this host (a loopback peer) go through one buffer here (``recv_into``, ``send``): spliced
 pages reach that reader cold, and its copy out of them cost it more than this one costs the
 relay, so on one machine the copy is faster end to end (bench/controlplane.py measures both:
-CPU seconds per hop and the reader's).
+CPU seconds per hop and the reader's). A long response body from a peer elsewhere is
+spliced in batches whoever reads it (``BATCH_S``: its pages arrive from the network, not
+from a page cache); one from a peer on this host is redirected in the kernel
+(``redirect_in_kernel``, ``sockmap``).
 
 Why not asyncio streams or protocols: each piece read there becomes a new ``bytes`` object and
 is copied again into buffers on the way out; a relay only has to pass bytes on.
@@ -258,7 +261,9 @@ async def move(src: Wire, dst: Wire, n: int | None, *, last: bool = False) -> No
     head = min(n, len(src.buffer))
     await src.send_buffered(dst, head)
     rest = n - head
-    if last and rest >= REDIRECT_MIN_BYTES and redirecting.enabled:
+    if last and rest >= REDIRECT_MIN_BYTES and not src.local_peer:
+        await _pump(src, dst, rest, batch_s=BATCH_S)
+    elif last and rest >= REDIRECT_MIN_BYTES and redirecting.enabled:
         await _redirect(src, dst, rest)
     elif rest >= PUMP_MIN_BYTES:
         await _pump(src, dst, rest)
@@ -305,10 +310,12 @@ class _Pipes:
 pipes = _Pipes()
 
 
-async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
+async def _pump(src: Wire, dst: Wire, n: int | None, *, batch_s: float = 0.0) -> None:
     """Socket to socket (through a pipe, or a buffer for a reader on this host); ``n`` bytes,
-    or until ``src`` ends when ``None``."""
-    if dst.local_peer or not pipes.usable:
+    or until ``src`` ends when ``None``. ``batch_s``: move the body in batches, spliced for
+    any reader (see ``BATCH_S``): once a read has emptied ``src``'s queue and everything read
+    is passed on, wait that long before reading again."""
+    if (dst.local_peer and not batch_s) or not pipes.usable:
         await _copy_pump(src, dst, n)
         return
     pipe = pipes.take()
@@ -319,7 +326,7 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
         while remaining or queued:
             if src.closed or dst.closed:
                 raise Broken(src if src.closed else dst, "closed")
-            progressed = False
+            progressed = drained = False
             if remaining and not ended and queued < PIPE_BYTES:
                 room = PIPE_BYTES - queued
                 want = room if remaining < 0 else min(remaining, room)
@@ -343,6 +350,7 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
                     if remaining > 0:
                         remaining -= got
                     progressed = True
+                    drained = got < want
             if queued:
                 try:
                     put = os.splice(pipe[0], dst.fd, queued, flags=_SPLICE)
@@ -358,6 +366,8 @@ async def _pump(src: Wire, dst: Wire, n: int | None) -> None:
                     await dst.writable()
                 else:
                     await src.readable()
+            elif batch_s and drained and remaining and not queued:
+                await asyncio.sleep(batch_s)
     finally:
         pipes.give(pipe, empty=queued == 0)
 
@@ -398,9 +408,17 @@ async def _copy_pump(src: Wire, dst: Wire, n: int | None) -> None:
             _buffers.append(view)
 
 
-#: Bodies at least this long are redirected in the kernel when it can (``sockmap``): the
-#: redirect is followed by looking at it (``_FOLLOW_S``), which shorter ones would feel.
+#: Response bodies at least this long are moved in batches when their source is elsewhere
+#: (``BATCH_S``), else redirected in the kernel when it can (``sockmap``): a batch waits, and
+#: a redirect is followed by looking at it (``_FOLLOW_S``), which shorter ones would feel.
 REDIRECT_MIN_BYTES = 4 << 20
+#: A long response body from a peer elsewhere (a guest, another host) is read once this long
+#: has passed after a read emptied its queue, all that arrived meanwhile at once: the relay's
+#: socket acknowledges it once per batch instead of once or twice per segment, and each
+#: acknowledgement costs the sender (a guest's vCPU above all). Each read after a wait takes
+#: the whole queue, so the pace is bounded only by what the socket buffers per wait (some
+#: GB/s); a batch adds at most this much latency.
+BATCH_S = 0.001
 #: How far a redirect may run ahead of what its target has taken: the most of a body the
 #: kernel holds for one reader (past it, the rest spills back to the relay).
 REDIRECT_WINDOW_BYTES = 8 << 20
