@@ -39,7 +39,8 @@ What each row measures:
   its proxy dials the guest itself (one relay too; ``WRENN_CP_PROXY_DIAL_GUESTS=false`` in the
   environment measures it through the agent, two). Three uploads per path (the guest's vCPU
   bounds them), then twenty rounds of downloads. CPU seconds as above, "vm" being the
-  sandbox's QEMU process.
+  sandbox's QEMU process. A relay moves a guest's long bodies in batches (spliced by the
+  relay, charged to its process), not by a kernel redirect: the guest is not on this host.
 
 The control plane, the forwarding double and envd each run in a process of their own, and the
 measuring client in another, as they would on real machines (here they share its cores).

@@ -96,7 +96,8 @@ class Wire:
         #: Bytes read and not consumed yet.
         self.buffer = bytearray()
         self.closed = False
-        #: The peer is on this host: bodies for it are copied, not spliced (see above).
+        #: The peer is on this host: bodies for it are copied, not spliced, and long ones
+        #: from it redirected, not batched (see above).
         self.local_peer = _on_this_host(sock)
         self._loop = asyncio.get_running_loop()
         self._waiting_read: asyncio.Future[None] | None = None
