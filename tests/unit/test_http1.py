@@ -170,7 +170,7 @@ async def test_a_body_until_close_ends_with_the_connection() -> None:
 async def test_a_long_response_from_a_peer_elsewhere_moves_in_batches(
     seed: int, reader_here: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    size = wire.REDIRECT_MIN_BYTES + 3 * 2**20 + 1
+    size = wire.LONG_BODY_BYTES + 3 * 2**20 + 1
     body = os.urandom(size)
     waits: list[float] = []
     sleep = asyncio.sleep
@@ -205,7 +205,7 @@ async def test_a_long_response_cut_short_in_batches_is_truncated() -> None:
         sending = asyncio.ensure_future(send_and_close())
         receiving = asyncio.ensure_future(_receive(reader, len(sent)))
         with pytest.raises(Truncated) as cut:
-            await relay(src, dst, Framing.LENGTH, wire.REDIRECT_MIN_BYTES, last=True)
+            await relay(src, dst, Framing.LENGTH, wire.LONG_BODY_BYTES, last=True)
         assert cut.value.wire is src
         assert await receiving == sent  # what arrived was passed on
         await sending

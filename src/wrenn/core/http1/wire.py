@@ -262,9 +262,10 @@ async def move(src: Wire, dst: Wire, n: int | None, *, last: bool = False) -> No
     head = min(n, len(src.buffer))
     await src.send_buffered(dst, head)
     rest = n - head
-    if last and rest >= REDIRECT_MIN_BYTES and not src.local_peer:
+    long_response = last and rest >= LONG_BODY_BYTES
+    if long_response and not src.local_peer:
         await _pump(src, dst, rest, batch_s=BATCH_S)
-    elif last and rest >= REDIRECT_MIN_BYTES and redirecting.enabled:
+    elif long_response and redirecting.enabled:
         await _redirect(src, dst, rest)
     elif rest >= PUMP_MIN_BYTES:
         await _pump(src, dst, rest)
@@ -412,7 +413,7 @@ async def _copy_pump(src: Wire, dst: Wire, n: int | None) -> None:
 #: Response bodies at least this long are moved in batches when their source is elsewhere
 #: (``BATCH_S``), else redirected in the kernel when it can (``sockmap``): a batch waits, and
 #: a redirect is followed by looking at it (``_FOLLOW_S``), which shorter ones would feel.
-REDIRECT_MIN_BYTES = 4 << 20
+LONG_BODY_BYTES = 4 << 20
 #: A long response body from a peer elsewhere (a guest, another host) is read once this long
 #: has passed after a read emptied its queue, all that arrived meanwhile at once: the relay's
 #: socket acknowledges it once per batch instead of once or twice per segment, and each
@@ -447,8 +448,9 @@ redirecting = _Redirecting()
 
 
 def redirect_in_kernel(on: bool) -> None:
-    """Move bodies of at least ``REDIRECT_MIN_BYTES`` from socket to socket in the kernel
-    (``sockmap``) when it can, instead of through this process (set once at start)."""
+    """Move response bodies of at least ``LONG_BODY_BYTES`` from a peer on this host from
+    socket to socket in the kernel (``sockmap``) when it can, instead of through this process
+    (set once at start)."""
     redirecting.enabled = on
 
 
