@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import struct
 import tempfile
@@ -143,3 +144,18 @@ def test_stalled_download_is_a_zombie_after_restore(
     assert settled_fds(fresh_envd, baseline) == baseline
     assert init.request("GET", "/health").status == 204
     assert "Traceback" not in fresh_envd.logs()
+
+
+def test_stop_ends_a_stalled_download(fresh_envd: EnvdProcess, files: Path) -> None:
+    """envd asked to stop while a download waits for a reader that never reads: the graceful
+    window runs out, the response is cancelled, its sending thread ends with it, and envd
+    exits (a thread left waiting for room would hold the interpreter's exit for good)."""
+    stalled = RawConn(fresh_envd.port)
+    try:
+        start_download(stalled, files / "big")
+        fresh_envd.proc.send_signal(signal.SIGTERM)
+        # uvicorn ends by raising the signal it was stopped with again.
+        assert fresh_envd.proc.wait(SAFETY_TIMEOUT_S) == -signal.SIGTERM
+    finally:
+        stalled.close()
+    assert "timeout graceful shutdown exceeded" in fresh_envd.logs()

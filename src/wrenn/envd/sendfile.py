@@ -10,15 +10,27 @@ else (an ASGI test client) the extension is absent and the response streams.
 
 ``send`` writes on a duplicate of the connection's socket (``dupsockets``) while uvicorn's
 transport is idle (its buffered bytes flushed first, nothing written meanwhile: the response
-awaits ``send``). Each ``sendfile`` call runs on a worker thread, as the streaming path's
-reads do (a page-cache miss must not stall the event loop); waiting for room in the socket
-happens on the loop.
+awaits ``send``). One worker thread sends the whole body (a page-cache miss must not stall
+the event loop): it calls ``sendfile`` until the socket is full, waits in ``poll(2)`` for
+room, and goes on. Each time the peer's acknowledgements make room costs one thread wake-up.
+Going back to the loop at every full socket costs more: two hand-overs between threads and
+an epoll wake-up for each ``sendfile`` call. Under TCG, those cost a guest more CPU than the
+calls themselves, and more the more often the reader acknowledges.
+
+The thread ends with the body, when the socket is shut down (the connection gone, or
+aborted as a pre-snapshot zombie), or when the sending task is cancelled: the task shuts the
+duplicate down and waits for the thread before closing it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from wrenn.envd.coalesce import CoalescingTransport
@@ -28,6 +40,12 @@ from wrenn.envd.dupsockets import DupSockets
 FILE_BODY = "wrenn.file_body"
 #: Bytes one ``sendfile`` call may move (it moves what fits in the socket's buffer).
 _CALL_BYTES = 16 << 20
+#: How long a sending thread waits for room before it looks whether its task gave up (a
+#: cancelled task also shuts the socket down, which wakes the thread at once).
+_POLL_MS = 1000
+#: Threads that send bodies, one per body in progress: a body holds its thread for as long as
+#: its reader takes, so these do not share the default executor that short calls use.
+_SENDERS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="envd-sendfile")
 
 
 class SendFailed(Exception):
@@ -66,22 +84,51 @@ class FileSender:
                 while transport.get_write_buffer_size():
                     await wire.writable()
                     await asyncio.sleep(0)  # the transport's own writer runs too
-                while count:
-                    try:
-                        sent = await loop.run_in_executor(
-                            None, os.sendfile, wire.fd, fd, offset, min(count, _CALL_BYTES)
-                        )
-                    except BlockingIOError:
-                        await wire.writable()
-                        continue
-                    if not sent:
-                        raise SendFailed(f"the file ended {count} bytes short")
-                    offset += sent
-                    count -= sent
-                    cycle.expected_content_length -= sent
+                stop = threading.Event()
+                sending = loop.run_in_executor(
+                    _SENDERS, _send_all, wire.fd, fd, offset, count, stop
+                )
+                try:
+                    await asyncio.shield(sending)
+                except asyncio.CancelledError:
+                    stop.set()
+                    with contextlib.suppress(OSError):
+                        wire.sock.shutdown(socket.SHUT_RDWR)
+                    await _ended(sending)  # the duplicate outlives every call on it
+                    raise
+                cycle.expected_content_length -= count
         except (OSError, SendFailed) as err:
             cycle.disconnected = True
             transport.abort()
             if isinstance(err, SendFailed):
                 raise
             raise SendFailed(f"the connection broke: {err.strerror or err}") from err
+
+
+async def _ended(future: asyncio.Future[None]) -> None:
+    """Wait until ``future`` is done, whatever it ended with and however often the waiting
+    task is cancelled meanwhile."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({future})
+    if not future.cancelled():
+        future.exception()  # retrieved: the task's own cancellation is what counts
+
+
+def _send_all(sock_fd: int, fd: int, offset: int, count: int, stop: threading.Event) -> None:
+    """Send ``count`` bytes of ``fd`` from ``offset`` on the non-blocking socket ``sock_fd``,
+    waiting in ``poll`` whenever it is full (see the module docstring)."""
+    room = select.poll()
+    room.register(sock_fd, select.POLLOUT)
+    while count:
+        try:
+            sent = os.sendfile(sock_fd, fd, offset, min(count, _CALL_BYTES))
+        except BlockingIOError:
+            if stop.is_set():
+                raise SendFailed("the sending task was cancelled") from None
+            room.poll(_POLL_MS)
+            continue
+        if not sent:
+            raise SendFailed(f"the file ended {count} bytes short")
+        offset += sent
+        count -= sent
