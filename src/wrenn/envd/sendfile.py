@@ -29,7 +29,6 @@ import contextlib
 import os
 import select
 import socket
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -40,9 +39,6 @@ from wrenn.envd.dupsockets import DupSockets
 FILE_BODY = "wrenn.file_body"
 #: Bytes one ``sendfile`` call may move (it moves what fits in the socket's buffer).
 _CALL_BYTES = 16 << 20
-#: How long a sending thread waits for room before it looks whether its task gave up (a
-#: cancelled task also shuts the socket down, which wakes the thread at once).
-_POLL_MS = 1000
 #: Threads that send bodies, one per body in progress: a body holds its thread for as long as
 #: its reader takes, so these do not share the default executor that short calls use.
 _SENDERS = ThreadPoolExecutor(max_workers=256, thread_name_prefix="envd-sendfile")
@@ -84,14 +80,11 @@ class FileSender:
                 while transport.get_write_buffer_size():
                     await wire.writable()
                     await asyncio.sleep(0)  # the transport's own writer runs too
-                stop = threading.Event()
-                sending = loop.run_in_executor(
-                    _SENDERS, _send_all, wire.fd, fd, offset, count, stop
-                )
+                sending = loop.run_in_executor(_SENDERS, _send_all, wire.fd, fd, offset, count)
                 try:
                     await asyncio.shield(sending)
                 except asyncio.CancelledError:
-                    stop.set()
+                    # The shutdown wakes the thread, whose next call then fails.
                     with contextlib.suppress(OSError):
                         wire.sock.shutdown(socket.SHUT_RDWR)
                     await _ended(sending)  # the duplicate outlives every call on it
@@ -115,7 +108,7 @@ async def _ended(future: asyncio.Future[None]) -> None:
         future.exception()  # retrieved: the task's own cancellation is what counts
 
 
-def _send_all(sock_fd: int, fd: int, offset: int, count: int, stop: threading.Event) -> None:
+def _send_all(sock_fd: int, fd: int, offset: int, count: int) -> None:
     """Send ``count`` bytes of ``fd`` from ``offset`` on the non-blocking socket ``sock_fd``,
     waiting in ``poll`` whenever it is full (see the module docstring)."""
     room = select.poll()
@@ -124,9 +117,7 @@ def _send_all(sock_fd: int, fd: int, offset: int, count: int, stop: threading.Ev
         try:
             sent = os.sendfile(sock_fd, fd, offset, min(count, _CALL_BYTES))
         except BlockingIOError:
-            if stop.is_set():
-                raise SendFailed("the sending task was cancelled") from None
-            room.poll(_POLL_MS)
+            room.poll()
             continue
         if not sent:
             raise SendFailed(f"the file ended {count} bytes short")
