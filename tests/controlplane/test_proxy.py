@@ -80,7 +80,8 @@ class LoopbackApp:
             await send({"type": "http.response.body", "body": b"too large"})
             return
         if scope["path"].startswith("/bytes/"):  # n bytes of BLOCK over and over
-            await self._bytes(int(scope["path"].rsplit("/", 1)[1]), send)
+            pause = scope["query_string"].startswith(b"pause")
+            await self._bytes(int(scope["path"].rsplit("/", 1)[1]), send, pause=pause)
             return
         if scope["path"].startswith("/status/"):
             status = int(scope["path"].rsplit("/", 1)[1])
@@ -118,13 +119,20 @@ class LoopbackApp:
         )
         await send({"type": "http.response.body", "body": body})
 
-    async def _bytes(self, n: int, send: Send) -> None:
+    async def _bytes(self, n: int, send: Send, *, pause: bool = False) -> None:
+        """``pause``: the head and the first byte, then a pause (the relays have read them by
+        then), then the rest: the rest is not already waiting when a relay takes the body."""
         headers = [(b"content-length", b"%d" % n)]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        view = memoryview(BLOCK)
+        view, at = memoryview(BLOCK), 0  # at: where in BLOCK the next piece starts
+        if pause and n:
+            await send({"type": "http.response.body", "body": BLOCK[:1], "more_body": n > 1})
+            at, n = 1, n - 1
+            await asyncio.sleep(0.1)
         while n:
-            piece = view[: min(n, len(BLOCK))]
+            piece = view[at : at + n]
             n -= len(piece)
+            at = 0
             await send({"type": "http.response.body", "body": bytes(piece), "more_body": bool(n)})
 
     async def _stream(self, receive: Receive, send: Send) -> None:
@@ -595,7 +603,7 @@ def test_long_downloads_move_in_the_kernel_and_a_pause_still_ends_them(proxied: 
     before = wire.redirecting.bodies
     with httpx.Client(base_url=proxied.proxy_url, headers=at_app, timeout=30) as c:
         for size in (40 * 2**20 + 5, 9 * 2**20):
-            got = c.get(f"/bytes/{size}")
+            got = c.get(f"/bytes/{size}?pause")
             assert got.status_code == 200
             assert hashlib.sha256(got.content).digest() == hashlib.sha256(_blocks(size)).digest()
         if os.geteuid() == 0:  # loading the BPF program needs root
