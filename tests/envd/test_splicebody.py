@@ -6,9 +6,11 @@ no descriptor. Socket timeouts are safety nets, never assertions about speed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +40,17 @@ def removed(path: Path) -> bool:
     while path.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return not path.exists()
+
+
+def received(path: Path, size: int) -> bool:
+    """Whether ``path`` has ``size`` bytes (waiting for them up to the safety timeout)."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_size == size:
+                return True
+        time.sleep(0.05)
+    return False
 
 
 def logged(envd: EnvdProcess, event: str) -> bool:
@@ -144,3 +157,20 @@ def test_stalled_upload_is_a_zombie_after_restore(
     assert removed(where / "stalled")
     assert init.request("GET", "/health").status == 204
     assert "Traceback" not in fresh_envd.logs()
+
+
+def test_stop_ends_a_stalled_upload(fresh_envd: EnvdProcess, where: Path) -> None:
+    """envd asked to stop while an upload waits for the rest of its body: the graceful window
+    runs out, the upload is cancelled (any splice in flight finished before its descriptors
+    close), the file it created is removed, and envd exits."""
+    stalled = RawConn(fresh_envd.port)
+    try:
+        stalled.send_raw(head(where / "stalled", BIG) + os.urandom(2 * SPLICE_MIN_BYTES))
+        assert received(where / "stalled", 2 * SPLICE_MIN_BYTES)
+        fresh_envd.proc.send_signal(signal.SIGTERM)
+        # uvicorn ends by raising the signal it was stopped with again.
+        assert fresh_envd.proc.wait(SAFETY_TIMEOUT_S) == -signal.SIGTERM
+    finally:
+        stalled.close()
+    assert "timeout graceful shutdown exceeded" in fresh_envd.logs()
+    assert not (where / "stalled").exists()

@@ -14,9 +14,14 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor
+from typing import TypeVar, TypeVarTuple
 
 from wrenn.core.http1.wire import Wire
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 class DupSockets:
@@ -40,3 +45,26 @@ class DupSockets:
         for wire in self._wires:
             with contextlib.suppress(OSError):
                 wire.sock.shutdown(socket.SHUT_RDWR)
+
+
+async def in_thread(
+    wire: Wire | None, executor: Executor | None, call: Callable[[*Ts], T], *args: *Ts
+) -> T:
+    """``call(*args)`` on a worker thread of ``executor`` (the loop's default: ``None``), a
+    call that uses ``wire`` (if any) and other descriptors its caller closes. When the
+    awaiting task is cancelled, ``wire`` is shut down (which wakes a call waiting on it) and
+    the call is waited for before the cancellation goes on: whoever closes those descriptors
+    never closes them under the call."""
+    future = asyncio.get_running_loop().run_in_executor(executor, call, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        if wire is not None:
+            with contextlib.suppress(OSError):
+                wire.sock.shutdown(socket.SHUT_RDWR)
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({future})
+        if not future.cancelled():
+            future.exception()  # retrieved: the task's own cancellation is what counts
+        raise

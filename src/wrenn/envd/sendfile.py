@@ -25,15 +25,13 @@ duplicate down and waits for the thread before closing it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import select
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from wrenn.envd.coalesce import CoalescingTransport
-from wrenn.envd.dupsockets import DupSockets
+from wrenn.envd.dupsockets import DupSockets, in_thread
 
 #: Key under the ASGI scope's ``extensions``.
 FILE_BODY = "wrenn.file_body"
@@ -72,7 +70,6 @@ class FileSender:
             raise RuntimeError("a file body needs a started response with Content-Length")
         if count > cycle.expected_content_length:
             raise RuntimeError("Response content longer than Content-Length")
-        loop = asyncio.get_running_loop()
         transport = self._transport
         try:
             with self._dups.wire() as wire:
@@ -80,15 +77,7 @@ class FileSender:
                 while transport.get_write_buffer_size():
                     await wire.writable()
                     await asyncio.sleep(0)  # the transport's own writer runs too
-                sending = loop.run_in_executor(_SENDERS, _send_all, wire.fd, fd, offset, count)
-                try:
-                    await asyncio.shield(sending)
-                except asyncio.CancelledError:
-                    # The shutdown wakes the thread, whose next call then fails.
-                    with contextlib.suppress(OSError):
-                        wire.sock.shutdown(socket.SHUT_RDWR)
-                    await _ended(sending)  # the duplicate outlives every call on it
-                    raise
+                await in_thread(wire, _SENDERS, _send_all, wire.fd, fd, offset, count)
                 cycle.expected_content_length -= count
         except (OSError, SendFailed) as err:
             cycle.disconnected = True
@@ -96,16 +85,6 @@ class FileSender:
             if isinstance(err, SendFailed):
                 raise
             raise SendFailed(f"the connection broke: {err.strerror or err}") from err
-
-
-async def _ended(future: asyncio.Future[None]) -> None:
-    """Wait until ``future`` is done, whatever it ended with and however often the waiting
-    task is cancelled meanwhile."""
-    while not future.done():
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({future})
-    if not future.cancelled():
-        future.exception()  # retrieved: the task's own cancellation is what counts
 
 
 def _send_all(sock_fd: int, fd: int, offset: int, count: int) -> None:

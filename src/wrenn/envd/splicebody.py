@@ -11,23 +11,23 @@ anything else (an ASGI test client) the extension is absent and the handler stre
 How: uvicorn's reading is paused, the bytes it already parsed are written first, then the
 rest is spliced from a duplicate of the connection's socket (``dupsockets``) through a pipe
 of the process's pool (``core.http1.wire.pipes``), each batch on a worker thread (a file write
-can block); waiting for data happens on the loop. uvicorn's parser never sees
-those bytes, so the connection cannot carry another request: the response says
-``Connection: close``. That is why handlers take this path for large bodies only. A connection
-that ends under an upload (the client gone, or a pre-snapshot zombie aborted after a restore)
-ends it with ``UploadCut``.
+can block); waiting for data happens on the loop. uvicorn's parser never sees those bytes, so
+the connection cannot carry another request: the response says ``Connection: close``. That is
+why handlers take this path for large bodies only. A connection that ends under an upload
+(the client gone, or a pre-snapshot zombie aborted after a restore) ends it with
+``UploadCut``. A cancelled upload (envd stopping past its grace) waits for the batch in flight
+before the pipe, the duplicate and the file close (``dupsockets.in_thread``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from wrenn.core.http1.wire import PIPE_BYTES, pipes
 from wrenn.envd.coalesce import CoalescingTransport
-from wrenn.envd.dupsockets import DupSockets
+from wrenn.envd.dupsockets import DupSockets, in_thread
 from wrenn.envd.filesystem.transfer import write_all
 
 #: Key under the ASGI scope's ``extensions``.
@@ -103,9 +103,8 @@ class BodyReceiver:
         self.taken = cycle
         cycle.keep_alive = False  # the parser would read the next bytes as this body's
         held, cycle.body = bytes(cycle.body), bytearray()
-        loop = asyncio.get_running_loop()
         if held:
-            await loop.run_in_executor(None, write_all, fd, held)
+            await in_thread(None, None, write_all, fd, held)
         remaining = length - len(held)
         if not remaining:
             return
@@ -116,8 +115,8 @@ class BodyReceiver:
         try:
             with self._dups.wire() as wire:
                 while remaining:
-                    moved, ended = await loop.run_in_executor(
-                        None, _splice_batch, wire.fd, pipe, fd, remaining
+                    moved, ended = await in_thread(
+                        wire, None, _splice_batch, wire.fd, pipe, fd, remaining
                     )
                     remaining -= moved
                     if ended and remaining:
