@@ -20,7 +20,7 @@ What each row measures:
   client (the upload chunked, as a generator body is): straight to envd; through the host
   agent's forwarding path (the agent's own ``Forwarder`` on its fast path, in front of envd
   instead of a VM: the same hop a real agent adds); and through the proxy port in front of it
-  (E2b-Sandbox-Id routing), as ``wrenn-cp`` serves it. Ten rounds, each measuring every path
+  (E2b-Sandbox-Id routing), as ``wrenn-cp`` serves it. Twenty rounds, each measuring every path
   back to back (in the other order every other round). The ratio is direct throughput over
   proxied throughput (1.0: no cost), of the best of each and, steadier on a shared machine,
   the median of the rounds' own ratios (a slow spell slows both sides of a round's ratio).
@@ -38,7 +38,7 @@ What each row measures:
   through the proxy port as the SDK goes: the control plane runs beside the agent there, so
   its proxy dials the guest itself (one relay too; ``WRENN_CP_PROXY_DIAL_GUESTS=false`` in the
   environment measures it through the agent, two). Three uploads per path (the guest's vCPU
-  bounds them), then twenty rounds of downloads. CPU seconds as above, "vm" being the
+  bounds them), then forty rounds of downloads. CPU seconds as above, "vm" being the
   sandbox's QEMU process. A relay moves a guest's long bodies in batches (spliced by the
   relay, charged to its process), not by a kernel redirect: the guest is not on this host.
 
@@ -83,11 +83,11 @@ CHUNK = 1 << 20
 #: The background workers at their default pace (the test stack polls much faster).
 PRODUCTION_PACE = {"lifecycle_interval_s": 1.0, "webhook_poll_s": 1.0}
 #: Transfers per path; the best counts (the machine is shared: fewer let noise decide).
-ROUNDS = 10
+ROUNDS = 20
 #: Rounds against a real guest: uploads are slow (the guest's vCPU bounds them), downloads
 #: quick and noisier.
 GUEST_UPLOADS = 3
-GUEST_DOWNLOADS = 20
+GUEST_DOWNLOADS = 40
 GUEST_FILE = "/tmp/bench-blob"
 #: The address pools' slot index of the guest part (the e2e tests use 5, the other benches 7 and 9).
 GUEST_POOL_INDEX = 8
