@@ -436,9 +436,11 @@ class _Redirecting:
     def __init__(self) -> None:
         self.enabled = False
         self.unavailable: str | None = None
-        #: Bytes moved by the kernel, and bodies (part) redirected, since the start.
-        self.bytes = 0
+        #: Bodies (part) redirected since the start, counted when their redirect is in
+        #: place (the relay may be interrupted before it sees the end go out: its client
+        #: gone once it has everything), and the bytes the kernel moved of those it saw end.
         self.bodies = 0
+        self.bytes = 0
         #: Redirects that spilled back to this process at least once (their reader fell
         #: behind); the bytes that spilled are not in ``bytes``.
         self.spills = 0
@@ -490,9 +492,9 @@ async def _redirect(src: Wire, dst: Wire, n: int) -> None:
             _log.info("relay.not_redirecting", reason=str(err))
         await _pump(src, dst, n)
         return
+    redirecting.bodies += 1
     try:
         copied = await _follow(redirect, src, dst)
-        redirecting.bodies += 1
         redirecting.bytes += n - copied
         if copied:
             redirecting.spills += 1
