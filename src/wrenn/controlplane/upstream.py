@@ -88,6 +88,9 @@ class _Parsed:
     body: list[bytes] = field(default_factory=list)
     done: bool = False
     interim: bool = False
+    #: Both sides allow the connection to carry another request, as parsed while the
+    #: response was: once a message is complete, the parser reports False whatever it was.
+    keep_alive: bool = False
     parser: httptools.HttpResponseParser | None = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -101,6 +104,7 @@ class _Parsed:
             self.headers = []
             return
         self.head_done = True
+        self.keep_alive = self.parser.should_keep_alive()
 
     def on_body(self, body: bytes) -> None:
         self.body.append(body)
@@ -109,6 +113,8 @@ class _Parsed:
         if self.interim:
             self.interim = False
             return
+        assert self.parser is not None
+        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         self.done = True
 
 
@@ -167,7 +173,7 @@ class UpstreamResponse:
         reusable = (
             self._complete
             and self._parser is not None
-            and self._parser.should_keep_alive()
+            and self._parsed.keep_alive
             and not self._parsed.body
         )
         if reusable:
