@@ -88,8 +88,8 @@ class _Parsed:
     body: list[bytes] = field(default_factory=list)
     done: bool = False
     interim: bool = False
-    #: Both sides allow the connection to carry another request, as parsed while the
-    #: response was: once a message is complete, the parser reports False whatever it was.
+    #: Both sides allow the connection to carry another request, read with the head: once a
+    #: message is complete, the parser reports False whatever it was.
     keep_alive: bool = False
     parser: httptools.HttpResponseParser | None = None
 
@@ -113,8 +113,6 @@ class _Parsed:
         if self.interim:
             self.interim = False
             return
-        assert self.parser is not None
-        self.keep_alive = self.keep_alive and self.parser.should_keep_alive()
         self.done = True
 
 
