@@ -6,14 +6,13 @@ no descriptor. Socket timeouts are safety nets, never assertions about speed."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -34,31 +33,27 @@ def where() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def within_safety(condition: Callable[[], bool]) -> bool:
+    """Whether ``condition`` holds, waiting for it up to the safety timeout."""
+    deadline = time.monotonic() + SAFETY_TIMEOUT_S
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
 def removed(path: Path) -> bool:
     """Whether ``path`` is gone, once the upload's abort has run (or the safety timeout)."""
-    deadline = time.monotonic() + SAFETY_TIMEOUT_S
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return not path.exists()
+    return within_safety(lambda: not path.exists())
 
 
 def received(path: Path, size: int) -> bool:
     """Whether ``path`` has ``size`` bytes (waiting for them up to the safety timeout)."""
-    deadline = time.monotonic() + SAFETY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError):
-            if path.stat().st_size == size:
-                return True
-        time.sleep(0.05)
-    return False
+    return within_safety(lambda: path.exists() and path.stat().st_size == size)
 
 
 def logged(envd: EnvdProcess, event: str) -> bool:
     """Whether envd logged ``event`` (waiting for it up to the safety timeout)."""
-    deadline = time.monotonic() + SAFETY_TIMEOUT_S
-    while event not in envd.logs() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return event in envd.logs()
+    return within_safety(lambda: event in envd.logs())
 
 
 def head(path: Path, length: int, *extra: str) -> bytes:
